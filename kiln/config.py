@@ -1,0 +1,238 @@
+"""Typed pipeline configuration: one pydantic section per stage, profiles as YAML, `--set` overrides.
+
+Every default is visible here. `load_config` is the edge where user input is validated; anything wrong comes
+back as one `ConfigError` naming the key, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kiln.errors import ConfigError
+
+PROFILE_NAMES = ("quickstart", "cifar10", "mnist", "imagefolder")
+DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
+ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9"]
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+class DataConfig(Section):
+    source: DatasetSource = "digits"  # which loader the download stage uses
+    uri: str | None = None  # imagefolder: folder, .tar.gz/.zip or http(s) URL; torchvision sets: mirror base URL
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # held-out share when the source has no test split
+    image_size: int | None = Field(None, ge=4, le=1024)  # resize imagefolder images to this square size
+    max_train_samples: int | None = Field(None, ge=1)  # stratified subsample, for quick runs
+    max_test_samples: int | None = Field(None, ge=1)
+    max_archive_bytes: int = Field(8 * 1024**3, ge=1)  # refuse archives that unpack past this (zip bombs)
+    timeout_s: float = Field(60.0, gt=0)  # per HTTP request
+    seed: int = 0  # for the stratified split and subsampling
+
+
+class ValidateConfig(Section):
+    min_pixel_std: float = Field(1.0, ge=0)  # an image whose pixels vary less than this is flagged as blank
+    mostly: float = Field(0.99, gt=0, le=1)  # share of rows that per-row expectations must hold for
+    min_samples_per_class: int = Field(1, ge=1)  # per split
+
+
+class AugmentConfig(Section):
+    policy: Literal["auto", "none", "crop", "crop_flip"] = "auto"  # auto: crop+flip for RGB, crop for grayscale
+    crop_padding: int | None = Field(None, ge=0)  # pixels of padding before the random crop; None: size // 8
+    preview_images: int = Field(32, ge=1, le=256)  # images in the preview grid PNG
+    seed: int = 0  # for the preview only; training draws from train.seed
+
+
+class TrainConfig(Section):
+    model: ModelName = "simple_cnn"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0)  # peak learning rate of the schedule
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    seed: int = 0
+
+    @field_validator("lr", "weight_decay", "momentum", "label_smoothing")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class EvaluateConfig(Section):
+    min_accuracy: float = Field(0.0, ge=0, le=1)  # the gate: below this the model is not blessed
+    on_gate_failure: Literal["stop", "continue"] = "stop"  # continue: package anyway, marked not blessed
+    batch_size: int = Field(512, ge=1)
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13, le=23)
+    parity_samples: int = Field(256, ge=1)  # test images compared between PyTorch and onnxruntime
+    parity_atol: float = Field(1e-4, gt=0)  # max |prob_torch - prob_onnx| allowed
+    min_top1_agreement: float = Field(0.99, ge=0, le=1)
+
+
+class CompressConfig(Section):
+    method: Literal["int8_static", "none"] = "int8_static"
+    calibration_samples: int = Field(256, ge=1)  # training images used to calibrate activation ranges
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # int8 ships only if within this of fp32 (0.01 = 1 pt)
+    latency_runs: int = Field(50, ge=1)  # batch-1 runs timed per variant
+
+
+class PackageConfig(Section):
+    model_name: str = Field("kiln-classifier", pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # None: derived from content
+    archive: bool = True  # also write bundle.tar.gz
+
+
+class StoreConfig(Section):
+    root: str = "artifacts"  # any fsspec URL: a local path, memory://..., s3://bucket/prefix
+
+
+class PipelineConfig(BaseModel):
+    """The whole pipeline's configuration; the training flow's only parameter."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
+    profile: str = "quickstart"  # informational: the profile this config was built from
+    data: DataConfig = DataConfig()
+    validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
+    compress: CompressConfig = CompressConfig()
+    package: PackageConfig = PackageConfig()
+    store: StoreConfig = StoreConfig()
+
+
+def load_config(
+    profile: str | None = None, config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Build the pipeline config: profile YAML, then the config file, then `section.key=value` overrides.
+
+    The profile is `profile`, else the file's `profile:` key, else quickstart. Raises ConfigError.
+    """
+    file_values = _read_yaml(Path(config_file)) if config_file is not None else {}
+    profile_name = profile or file_values.get("profile") or "quickstart"
+    values = _deep_merge(profile_values(profile_name), file_values)
+    values["profile"] = profile_name
+    for override in overrides:
+        _apply_override(values, override)
+    return parse_config(values)
+
+
+def parse_config(values: dict[str, Any]) -> PipelineConfig:
+    """Validate a plain dict as a PipelineConfig; raises ConfigError listing every bad key."""
+    try:
+        config = PipelineConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    _check_cross_section(config)
+    return config
+
+
+def profile_values(name: str) -> dict[str, Any]:
+    """The raw values of a named profile shipped with kiln."""
+    if name not in PROFILE_NAMES:
+        raise ConfigError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILE_NAMES)}")
+    text = resources.files("kiln.profiles").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _check_cross_section(config: PipelineConfig) -> None:
+    if config.data.source == "imagefolder" and not config.data.uri:
+        raise ConfigError(
+            "data.uri is required when data.source is imagefolder: "
+            "pass --set data.uri=PATH_OR_URL (a folder, .tar.gz/.zip archive or http(s) URL)"
+        )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"config file {path} is not valid YAML{line}: {problem}; fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections (data:, train:, ...), not a list or scalar")
+    return loaded
+
+
+def _apply_override(values: dict[str, Any], override: str) -> None:
+    dotted, sep, raw = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {override!r} must look like section.key=value, e.g. --set train.epochs=5")
+    section, key = parts
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    target = values.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"--set {override!r}: {section!r} is not a config section")
+    target[key] = value
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key; {_known_keys_hint(item['loc'])}")
+        else:
+            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(problems)
+
+
+def _known_keys_hint(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = PipelineConfig
+    for part in location[:-1]:
+        field = _field_by_name_or_alias(model, str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return "check the spelling"
+        model = field.annotation
+    names = [field.alias or name for name, field in model.model_fields.items()]
+    return "valid keys here: " + ", ".join(names)
+
+
+def _field_by_name_or_alias(model: type[BaseModel], name: str):
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            return field
+    return None

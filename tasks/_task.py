@@ -1,0 +1,78 @@
+"""The thin Prefect layer every stage task shares: a cache key over the stage's content hash, and reports.
+
+A stage task is cached by Prefect under the same content hash that names its output directory, but only while the
+store really holds that output: if someone deletes the directory, the key is withheld and the stage recomputes
+instead of handing on a reference to nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_run_logger
+
+from kiln.config import StoreConfig
+from kiln.stage import Stage
+from kiln.store import ArtifactRef, ArtifactStore
+
+
+def stage_task(stage: Stage, **task_options: Any) -> Callable:
+    """Decorate a stage's wrapper `fn(config, <ArtifactRef inputs>..., store: StoreConfig)` as a Prefect task."""
+    options = {
+        "name": stage.name,
+        "cache_key_fn": _cache_key_fn(stage),
+        "persist_result": True,
+        "result_serializer": "json",
+        **task_options,
+    }
+    return task(**options)
+
+
+def _cache_key_fn(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
+    def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
+        inputs = {name: value for name, value in parameters.items() if isinstance(value, ArtifactRef)}
+        key = stage.key(parameters["config"], inputs)
+        store = ArtifactStore(_store_config(parameters).root)
+        return f"kiln-{stage.name}-{key}" if store.lookup(stage.name, key) is not None else None
+
+    return cache_key
+
+
+def _store_config(parameters: dict[str, Any]) -> StoreConfig:
+    store = parameters["store"]
+    return store if isinstance(store, StoreConfig) else StoreConfig.model_validate(store)
+
+
+def in_prefect_run() -> bool:
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def log(message: str) -> None:
+    """Log through Prefect's run logger inside a run; through the standard logger otherwise."""
+    if in_prefect_run():
+        get_run_logger().info(message)
+    else:
+        import logging
+
+        logging.getLogger("kiln").info(message)
+
+
+def report(ref: ArtifactRef, store: StoreConfig, title: str, lines: list[str] | None = None) -> None:
+    """Publish a short markdown Prefect artifact for a stage output (skipped outside a Prefect run)."""
+    manifest = ArtifactStore(store.root).manifest(ref)
+    status = "reused from the store" if ref.reused else f"computed in {manifest.duration_s:.1f} s"
+    body = [f"## {title}", "", f"- output: `{ref.uri}` ({status})", f"- content digest: `{ref.digest[:16]}`"]
+    body += lines or []
+    log(f"{ref.stage}: {status} -> {ref.uri}")
+    if in_prefect_run():
+        create_markdown_artifact(markdown="\n".join(body), key=f"kiln-{ref.stage}", description=title)
+
+
+def report_table(key: str, rows: list[dict[str, Any]], description: str) -> None:
+    """Publish a table Prefect artifact (skipped outside a Prefect run)."""
+    if in_prefect_run() and rows:
+        create_table_artifact(table=rows, key=key, description=description)
