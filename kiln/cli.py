@@ -1,2 +1,105 @@
-def main():
-    raise SystemExit("not yet")
+"""The `kiln` command: run the pipeline, predict with a bundle.
+
+    kiln run [--profile quickstart] [--config FILE] [--set section.key=value ...]
+    kiln predict BUNDLE IMAGE [IMAGE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kiln.config import PROFILE_NAMES
+from kiln.errors import ConfigError, KilnError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Train an image classifier from raw data to a deployable ONNX bundle with a Prefect pipeline.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the training pipeline flow (download → … → package) and print where the bundle is",
+        description="Run the training pipeline. Config = profile, then --config file, then --set overrides. "
+        "Stages whose inputs did not change are reused from the artifact store.",
+    )
+    run.add_argument("--profile", choices=PROFILE_NAMES, help="named starting config (default: quickstart)")
+    run.add_argument("--config", type=Path, metavar="FILE", help="YAML file with sections data:, train:, ...")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value, e.g. --set train.epochs=5 (repeatable)",
+    )
+    run.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    predict = commands.add_parser(
+        "predict",
+        help="print the predicted label and probability for each image, using only a bundle",
+        description="Classify image files with a bundle folder or .tar.gz written by `kiln run`. "
+        "Needs onnxruntime, numpy and pillow only.",
+    )
+    predict.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    predict.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _predict(args)
+    except KilnError as error:
+        print(f"kiln: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kiln.config import load_config
+
+    config = load_config(args.profile, args.config, args.overrides)
+    if args.show_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    from flows.training_pipeline import training_pipeline  # imports Prefect and torch: only when running
+    from kiln.store import ArtifactStore
+    from tasks.package import bundle_location
+
+    outputs = training_pipeline(config)
+    print("\nstage      status    output")
+    for stage, ref in outputs.items():
+        print(f"{stage:<10} {'reused' if ref.reused else 'computed':<9} {ref.uri}")
+    bundle, archive = bundle_location(outputs["package"], ArtifactStore(config.store.root))
+    print(f"\nBundle:  {bundle}")
+    if archive:
+        print(f"Archive: {archive}")
+    print(f"Try it:  kiln predict {bundle} IMAGE.png")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from kiln.bundle import load_bundle
+
+    missing = [str(path) for path in args.images if not path.is_file()]
+    if missing:
+        raise KilnError(f"image file(s) not found: {', '.join(missing)}")
+    bundle = load_bundle(args.bundle)
+    for prediction in bundle.predict_files(args.images):
+        if args.json:
+            print(json.dumps(prediction.__dict__))
+        else:
+            print(f"{prediction.source}\t{prediction.label}\t{prediction.probability:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -187,7 +187,7 @@ class ArtifactStore:
         files = [
             FileEntry(path=path.relative_to(built_dir).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
             for path in sorted(built_dir.rglob("*"))
-            if path.is_file() and path.name != MANIFEST_NAME
+            if path.is_file() and path != built_dir / MANIFEST_NAME
         ]
         manifest = Manifest(
             stage=stage,
@@ -230,6 +230,13 @@ class ArtifactStore:
             self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(built_dir / entry.path), remote)
         self.fs.put_file(str(built_dir / MANIFEST_NAME), f"{final_path}/{MANIFEST_NAME}")
+
+    def scratch_dir(self, stage: str, key: str) -> Path:
+        """A local directory that survives a crash (e.g. training checkpoints), for resuming the same output."""
+        base = Path(self.root) if self.is_local else Path(tempfile.gettempdir()) / "kiln-scratch"
+        path = base / ".scratch" / stage / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     # --- reading ----------------------------------------------------------------------------------------------
     def materialize(self, ref: ArtifactRef, cache_dir: Path | None = None) -> Path:

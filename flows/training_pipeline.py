@@ -1,0 +1,43 @@
+"""The training pipeline: raw data to a deployable bundle, one line per stage.
+
+    kiln run --profile quickstart            # or: python -m flows.training_pipeline
+
+Export runs before compress because int8 quantization works on the exported ONNX graph and re-evaluates it with
+onnxruntime, the same runtime the bundle ships with.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from kiln.config import PipelineConfig
+from kiln.store import ArtifactRef
+from tasks.augment import augment_task
+from tasks.compress import compress_task
+from tasks.download import download_task
+from tasks.evaluate import evaluate_task, gate_task
+from tasks.export import export_task
+from tasks.package import package_task
+from tasks.train import train_task
+from tasks.validate import validate_task
+
+
+@flow(name="training-pipeline", flow_run_name="{config.profile}-{config.data.source}", log_prints=False)
+def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
+    """Download → validate → augment → train → evaluate (gate) → export → compress → package."""
+    store = config.store
+    dataset = download_task(config.data, store)
+    validation = validate_task(config.validation, dataset, store)
+    policy = augment_task(config.augment, dataset, store)
+    model = train_task(config.train, dataset, policy, store)
+    evaluation = evaluate_task(config.evaluate, model, dataset, store)
+    gate_task(config.evaluate, evaluation, store)
+    exported = export_task(config.export, model, dataset, store)
+    compressed = compress_task(config.compress, exported, dataset, store)
+    bundle = package_task(config.package, dataset, model, evaluation, exported, compressed, store)
+    return {"download": dataset, "validate": validation, "augment": policy, "train": model, "evaluate": evaluation,
+            "export": exported, "compress": compressed, "package": bundle}  # fmt: skip
+
+
+if __name__ == "__main__":
+    training_pipeline()

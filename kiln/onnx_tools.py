@@ -1,0 +1,120 @@
+"""Running and measuring an exported ONNX classifier with onnxruntime on CPU.
+
+Shared by the export and compress stages and by the deployment bundle's predictor, so only numpy and onnxruntime
+are imported here (no torch, no onnx): the bundle runs without them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kiln.errors import ExportError
+
+INPUT_NAME = "input"  # float32 [N, C, H, W], normalized as preprocess.json says
+OUTPUT_NAME = "probabilities"  # float32 [N, classes], softmax already applied
+
+
+def ort_session(path: str | Path, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session for the model file at `path`, with all graph optimizations on.
+
+    `threads` caps intra-op threads (None: onnxruntime's default, one per physical core). Operators run one at a
+    time (inter-op 1): these are small sequential CNNs, where parallel operators only add contention.
+    Raises onnxruntime's own exceptions for a missing or invalid file.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise to users
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: ort.InferenceSession, inputs_nchw: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities float32 [N, classes] for normalized float32 [N, C, H, W] inputs, in batches.
+
+    Raises ValueError when `inputs_nchw` is not 4-dimensional or `batch_size` < 1.
+    """
+    if inputs_nchw.ndim != 4:
+        raise ValueError(f"inputs must be [N, C, H, W], got shape {inputs_nchw.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    input_name = session.get_inputs()[0].name
+    inputs = np.ascontiguousarray(inputs_nchw, dtype=np.float32)
+    outputs = [
+        session.run(None, {input_name: inputs[start : start + batch_size]})[0]
+        for start in range(0, len(inputs), batch_size)
+    ]
+    if not outputs:
+        classes = session.get_outputs()[0].shape[-1]
+        return np.zeros((0, classes if isinstance(classes, int) else 0), dtype=np.float32)
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def top1_agreement(probabilities: np.ndarray, reference: np.ndarray) -> float:
+    """Share of rows whose arg-max class equals the reference's (1.0 for two empty arrays)."""
+    if len(probabilities) == 0:
+        return 1.0
+    return float(np.mean(probabilities.argmax(axis=1) == reference.argmax(axis=1)))
+
+
+def measure_latency(session: ort.InferenceSession, sample: np.ndarray, runs: int, warmup: int = 3) -> dict[str, float]:
+    """Wall-clock latency of one `session.run` on `sample` (usually [1, C, H, W]): {"p50_ms", "p95_ms"}.
+
+    `warmup` untimed runs come first so that lazy allocations do not count. Raises ValueError if runs < 1.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(sample, dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    timings_ms = np.empty(runs)
+    for index in range(runs):
+        started = time.perf_counter()
+        session.run(None, feed)
+        timings_ms[index] = (time.perf_counter() - started) * 1000.0
+    return {
+        "p50_ms": round(float(np.percentile(timings_ms, 50)), 4),
+        "p95_ms": round(float(np.percentile(timings_ms, 95)), 4),
+    }
+
+
+def measure_throughput(
+    session: ort.InferenceSession, batch: np.ndarray, seconds_budget: float = 1.0, max_runs: int = 50, warmup: int = 2
+) -> float:
+    """Images per second when running `batch` repeatedly, for at most `seconds_budget` s or `max_runs` runs.
+
+    At least one timed run always happens, so a slow model overshoots the budget by at most one batch.
+    Raises ValueError for an empty batch or max_runs < 1.
+    """
+    if len(batch) == 0 or max_runs < 1:
+        raise ValueError(f"need a non-empty batch and max_runs >= 1, got {len(batch)} images, max_runs={max_runs}")
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    runs = 0
+    started = time.perf_counter()
+    elapsed = 0.0
+    while runs < max_runs and (runs == 0 or elapsed < seconds_budget):
+        session.run(None, feed)
+        runs += 1
+        elapsed = time.perf_counter() - started
+    return round(runs * len(batch) / max(elapsed, 1e-9), 1)
+
+
+def check_onnx_file(path: str | Path) -> None:
+    """Run `onnx.checker` (full check, with shape inference) on a model file; raise ExportError naming the file.
+
+    Pipeline side only: imports the `onnx` package, which the deployment bundle does not need.
+    """
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"{path} fails onnx.checker: {error}; the exporter or quantizer produced a broken graph") from None

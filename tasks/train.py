@@ -1,0 +1,102 @@
+"""Stage 4, train: fit the configured model on the augmented training split, on CUDA when available.
+
+Output: `weights.pt` (state_dict), `model.json` (architecture spec), `preprocess.json` (normalization),
+`history.csv` (one row per epoch). A checkpoint after every epoch lives in the store's scratch area until the
+output is published, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import torch
+
+from kiln.augmentation import build_transform
+from kiln.config import StoreConfig, TrainConfig
+from kiln.dataset import read_info, read_split
+from kiln.models import ModelSpec, build_model, save_model
+from kiln.preprocess import Preprocessing
+from kiln.stage import Stage
+from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
+from kiln.training import AugmentedImages, EpochCallback, fit, resolve_runtime
+from tasks._task import log, report, report_table, stage_task
+
+STAGE = Stage("train", __name__)
+
+
+def train(
+    config: TrainConfig,
+    dataset: ArtifactRef,
+    policy: ArtifactRef,
+    store: ArtifactStore,
+    on_epoch: EpochCallback | None = None,
+) -> ArtifactRef:
+    """Train `config.model` on `dataset` with the augmentation `policy`; returns the train output."""
+    inputs = {"dataset": dataset, "policy": policy}
+    key = STAGE.key(config, inputs)
+
+    def build(out_dir):
+        data_dir = store.materialize(dataset)
+        info = read_info(data_dir)
+        height, width, channels = info.image_shape
+        prep = Preprocessing(height, width, channels, tuple(info.channel_mean), tuple(info.channel_std))
+        spec = ModelSpec(config.model, info.image_shape, info.num_classes)
+        runtime = resolve_runtime(config.device, config.precision)
+        for note in runtime.notes:
+            log(note)
+        torch.manual_seed(config.seed)
+        model = build_model(spec)
+        transform = build_transform(read_json(store.materialize(policy) / "policy.json"))
+        train_images, train_labels = read_split(data_dir, "train")
+        history = fit(
+            model,
+            AugmentedImages(train_images, train_labels, transform),
+            read_split(data_dir, "test"),
+            prep,
+            config,
+            runtime,
+            store.scratch_dir(STAGE.name, key) / "checkpoint.pt",
+            on_epoch,
+        )
+        save_model(model.float().cpu(), spec, out_dir)
+        write_json(out_dir / "preprocess.json", prep.to_json())
+        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
+        last = history[-1]
+        return {
+            "model": config.model,
+            "parameters": sum(parameter.numel() for parameter in model.parameters()),
+            "device": str(runtime.device),
+            "precision": runtime.precision,
+            "epochs": len(history),
+            "final_train_loss": last["train_loss"],
+            "final_train_accuracy": last["train_accuracy"],
+            "final_test_accuracy": last["test_accuracy"],
+            "train_seconds": round(sum(row["seconds"] for row in history), 2),
+            "notes": list(runtime.notes),
+        }
+
+    ref = STAGE.produce(store, config, inputs, build)
+    shutil.rmtree(store.scratch_dir(STAGE.name, key), ignore_errors=True)  # published: checkpoints are done
+    return ref
+
+
+@stage_task(STAGE, tags=["gpu"])
+def train_task(config: TrainConfig, dataset: ArtifactRef, policy: ArtifactRef, store: StoreConfig) -> ArtifactRef:
+    """Train the model, logging every epoch."""
+
+    def log_epoch(row):
+        log(
+            f"epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
+            f"train acc {row['train_accuracy']:.3f}, test acc {row['test_accuracy']:.3f}, {row['images_per_s']:.0f} img/s"
+        )
+
+    ref = train(config, dataset, policy, ArtifactStore(store.root), on_epoch=log_epoch)
+    metrics = ArtifactStore(store.root).manifest(ref).metrics
+    report(ref, store, "Training", [
+        f"- model: `{metrics['model']}` ({metrics['parameters']:,} parameters) on {metrics['device']} ({metrics['precision']})",
+        f"- {metrics['epochs']} epochs in {metrics['train_seconds']} s; final test accuracy {metrics['final_test_accuracy']:.4f}",
+    ])  # fmt: skip
+    history = pd.read_csv(ArtifactStore(store.root).materialize(ref) / "history.csv")
+    report_table("kiln-training-history", history.to_dict(orient="records"), "Per-epoch training history")
+    return ref

@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kiln.config import EvaluateConfig
+from kiln.errors import GateFailed
+from kiln.metrics import confusion_matrix, per_class_table
+from tasks.evaluate import check_gate, evaluate
+
+
+def test_metrics_match_a_hand_computed_example():
+    true = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 0])
+    matrix = confusion_matrix(true, predicted, 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    table = per_class_table(matrix, ["a", "b", "c"])
+    assert table["precision"].tolist() == [0.5, 0.6667, 1.0]
+    assert table["recall"].tolist() == [0.5, 1.0, 0.5]
+    assert table["support"].tolist() == [2, 2, 2]
+
+
+def test_evaluation_outputs_and_consistency(store, model_ref, dataset_ref):
+    ref = evaluate(EvaluateConfig(min_accuracy=0.5), model_ref, dataset_ref, store)
+    out = store.materialize(ref)
+    metrics = json.loads((out / "metrics.json").read_text())
+    predictions = np.load(out / "predictions.npy")
+    labels = np.load(store.materialize(dataset_ref) / "test_labels.npy")
+    assert metrics["accuracy"] == pytest.approx((predictions == labels).mean(), abs=1e-5)
+    assert metrics["blessed"] is True and metrics["accuracy"] > 0.8  # the blobs are easy
+    matrix = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert matrix.to_numpy().sum() == len(labels)
+    assert (out / "confusion_matrix.png").stat().st_size > 0
+    assert check_gate(EvaluateConfig(min_accuracy=0.5), ref, store) is True
+
+
+def test_gate_stops_or_continues(store, model_ref, dataset_ref):
+    strict = EvaluateConfig(min_accuracy=1.0)
+    ref = evaluate(strict, model_ref, dataset_ref, store)
+    accuracy = json.loads((store.materialize(ref) / "metrics.json").read_text())["accuracy"]
+    if accuracy < 1.0:
+        with pytest.raises(GateFailed, match="below evaluate.min_accuracy 1.0000"):
+            check_gate(strict, ref, store)
+        assert check_gate(strict.model_copy(update={"on_gate_failure": "continue"}), ref, store) is False

@@ -1,0 +1,76 @@
+import pandas as pd
+import pytest
+import torch
+
+from kiln.config import AugmentConfig, TrainConfig
+from kiln.models import MODEL_FAMILIES, ModelSpec, build_model, load_model
+from kiln.training import resolve_runtime
+from tasks.augment import augment
+from tasks.train import train
+
+
+@pytest.fixture
+def policy_ref(store, dataset_ref):
+    return augment(AugmentConfig(policy="none"), dataset_ref, store)
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_model(store, dataset_ref, policy_ref):
+    config = TrainConfig(epochs=4, batch_size=16, lr=3e-3)
+    ref = train(config, dataset_ref, policy_ref, store)
+    out = store.materialize(ref)
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    model, spec = load_model(out)
+    assert spec == ModelSpec("simple_cnn", (8, 8, 3), 3)
+    assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
+    metrics = store.manifest(ref).metrics
+    assert metrics["device"] == "cpu" and metrics["epochs"] == 4
+    assert not (store.scratch_dir("train", ref.key) / "checkpoint.pt").exists()
+
+
+def test_second_run_is_reused(store, dataset_ref, policy_ref):
+    config = TrainConfig(epochs=1, batch_size=32)
+    first = train(config, dataset_ref, policy_ref, store)
+    second = train(config, dataset_ref, policy_ref, store, on_epoch=lambda row: pytest.fail("retrained"))
+    assert second.reused and second.digest == first.digest
+
+
+def test_resumes_from_the_last_checkpoint(store, dataset_ref, policy_ref, monkeypatch):
+    """A run that dies after epoch 2 of 3 resumes at epoch 3 on the next call."""
+    config = TrainConfig(epochs=3, batch_size=32)
+    seen = []
+
+    def die_after_two(row):
+        seen.append(row["epoch"])
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, dataset_ref, policy_ref, store, on_epoch=die_after_two)
+    resumed = []
+    ref = train(config, dataset_ref, policy_ref, store, on_epoch=lambda row: resumed.append(row["epoch"]))
+    assert seen == [1, 2] and resumed == [3]
+    assert list(pd.read_csv(store.materialize(ref) / "history.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_gpu_only_options_degrade_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runtime = resolve_runtime("cuda", "fp16")
+    assert runtime.device.type == "cpu" and runtime.precision == "fp32"
+    assert any("no CUDA device" in note for note in runtime.notes)
+    assert resolve_runtime("auto", "auto").precision == "fp32"
+    assert resolve_runtime("cpu", "bf16").precision == "bf16"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_FAMILIES))
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1), (32, 32, 3)])
+def test_every_model_fits_every_common_shape(name, shape):
+    model = build_model(ModelSpec(name, shape, 10))
+    height, width, channels = shape
+    assert model(torch.zeros(2, channels, height, width)).shape == (2, 10)
+
+
+def test_bf16_autocast_trains_on_cpu(store, dataset_ref, policy_ref):
+    ref = train(TrainConfig(epochs=1, batch_size=32, precision="bf16"), dataset_ref, policy_ref, store)
+    assert store.manifest(ref).metrics["precision"] == "bf16"
