@@ -1,0 +1,86 @@
+"""The whole pipeline under Prefect's test harness (a real, temporary Prefect API), on the quickstart profile."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.training_pipeline import training_pipeline
+from kiln.bundle import load_bundle
+from kiln.cli import main as kiln_main
+from kiln.config import load_config
+from kiln.dataset import read_split
+from kiln.store import ArtifactStore
+from tasks.package import bundle_location
+
+STAGES = ["download", "validate", "augment", "train", "evaluate", "export", "compress", "package"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(harness, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    config = load_config("quickstart", overrides=[f"store.root={root}"])
+    return config, training_pipeline(config)
+
+
+def test_quickstart_produces_a_verified_bundle(pipeline_run):
+    config, outputs = pipeline_run
+    assert list(outputs) == STAGES
+    assert not any(ref.reused for ref in outputs.values())
+    store = ArtifactStore(config.store.root)
+    bundle_dir, archive = bundle_location(outputs["package"], store)
+    assert Path(archive).is_file()
+    bundle = load_bundle(bundle_dir)
+    assert bundle.labels == [str(digit) for digit in range(10)]
+    assert {entry["path"] for entry in bundle.manifest["files"]} >= {
+        "model.onnx", "model.fp32.onnx", "labels.json", "preprocess.json", "metrics.json", "model_card.md"
+    }  # fmt: skip
+    # The shipped model (int8 unless it lost too much accuracy) clears the quickstart bar through onnxruntime.
+    images, labels = read_split(store.materialize(outputs["download"]), "test")
+    accuracy = (bundle.predict_arrays(images).argmax(axis=1) == labels).mean()
+    assert accuracy >= 0.90
+    assert bundle.manifest["chosen_variant"] in ("int8", "fp32")
+
+
+def test_kiln_predict_agrees_with_the_pipelines_own_evaluation(pipeline_run, tmp_path, capsys):
+    from PIL import Image
+
+    config, outputs = pipeline_run
+    store = ArtifactStore(config.store.root)
+    images, _ = read_split(store.materialize(outputs["download"]), "test")
+    chosen = load_bundle(bundle_location(outputs["package"], store)[0]).manifest["chosen_variant"]
+    expected = np.load(store.materialize(outputs["compress"]) / f"predictions.{chosen}.npy")
+    paths = []
+    for index in range(12):
+        path = tmp_path / f"digit_{index}.png"
+        Image.fromarray(images[index][:, :, 0]).save(path)
+        paths.append(str(path))
+    _, archive = bundle_location(outputs["package"], store)
+    assert kiln_main(["predict", archive, *paths]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    predicted = [int(line.split("\t")[1]) for line in lines]
+    assert predicted == expected[:12].tolist()
+
+
+def test_second_identical_run_reuses_every_stage(pipeline_run):
+    config, first = pipeline_run
+    second = training_pipeline(config)
+    assert all(ref.reused for ref in second.values()), {name: ref.reused for name, ref in second.items()}
+    assert {name: ref.key for name, ref in second.items()} == {name: ref.key for name, ref in first.items()}
+    third = training_pipeline(config)  # now served from Prefect's task cache, keyed on the same hashes
+    assert {name: ref.digest for name, ref in third.items()} == {name: ref.digest for name, ref in first.items()}
+
+
+def test_changing_one_section_recomputes_only_downstream(pipeline_run):
+    config, first = pipeline_run
+    changed = config.model_copy(update={"compress": config.compress.model_copy(update={"calibration_samples": 64})})
+    outputs = training_pipeline(changed)
+    recomputed = {name for name, ref in outputs.items() if not ref.reused}
+    assert recomputed == {"compress", "package"}
