@@ -117,4 +117,6 @@ def check_onnx_file(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ExportError(f"{path} fails onnx.checker: {error}; the exporter or quantizer produced a broken graph") from None
+        raise ExportError(
+            f"{path} fails onnx.checker: {error}; the exporter or quantizer produced a broken graph"
+        ) from None

@@ -2,11 +2,13 @@
 
 A stage task is cached by Prefect under the same content hash that names its output directory, but only while the
 store really holds that output: if someone deletes the directory, the key is withheld and the stage recomputes
-instead of handing on a reference to nothing.
+instead of handing on a reference to nothing. The first run that finds an output in the store runs the (instant)
+reuse path and records it; later runs are served by Prefect's cache directly.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +39,13 @@ def _cache_key_fn(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
         inputs = {name: value for name, value in parameters.items() if isinstance(value, ArtifactRef)}
         key = stage.key(parameters["config"], inputs)
         store = ArtifactStore(_store_config(parameters).root)
-        return f"kiln-{stage.name}-{key}" if store.lookup(stage.name, key) is not None else None
+        stored = store.lookup(stage.name, key)
+        if stored is None:
+            return None
+        # Prefect's result records outlive any one store: naming the store and the stored digest in the cache key
+        # means a cached reference always points at exactly the content this store holds now.
+        where = hashlib.sha256(store.url.encode()).hexdigest()[:12]
+        return f"kiln-{stage.name}-{key}-{stored.digest[:16]}-{where}"
 
     return cache_key
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,11 @@ def make_blobs_dataset(
 def publish_dataset(store: ArtifactStore, dataset: ImageDataset) -> ArtifactRef:
     """Publish `dataset` as if the download stage had produced it (without depending on a loader)."""
     stage = Stage("download", "kiln.dataset")
-    config = DataConfig(source="imagefolder", uri=f"fixture://{dataset.name}/{dataset.train_images.sum()}")
+    content = hashlib.sha256()
+    for array in (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels):
+        content.update(array.tobytes())
+    content.update("\n".join(dataset.classes).encode())
+    config = DataConfig(source="imagefolder", uri=f"fixture://{dataset.name}/{content.hexdigest()[:16]}")
     return stage.produce(store, config, {}, lambda out_dir: write_dataset(out_dir, dataset))
 
 
