@@ -50,16 +50,14 @@ class Preprocessing:
         return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
 
     def load_image(self, path: Path) -> np.ndarray:
-        """Read an image file as uint8 [H, W, C] at this size and channel count. Raises ValueError if unreadable."""
-        from PIL import Image, ImageOps, UnidentifiedImageError
+        """Read an image file as uint8 [H, W, C] at this size and channel count, decoded exactly as the download
+        stage decodes training images. Raises ValueError naming the file if it is not a readable image."""
+        from kiln.sources.images import decode_image, resize, to_channels
 
-        try:
-            with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image = image.convert("L" if self.channels == 1 else "RGB")
-                if image.size != (self.width, self.height):
-                    image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"{path} is not a readable image ({error})") from None
-        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+        pixels = decode_image(Path(path), None)
+        if isinstance(pixels, str):
+            raise ValueError(f"{path}: {pixels}")
+        pixels = to_channels(pixels, self.channels)
+        if pixels.shape[:2] != (self.height, self.width):
+            pixels = resize(pixels, (self.height, self.width))
+        return pixels
