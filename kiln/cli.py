@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.show_config:
         print(config.model_dump_json(indent=2))
         return 0
+    # Without PREFECT_API_URL, Prefect starts a temporary local server; its first start creates the database,
+    # which can take longer than Prefect's 20 s default on a slow disk or a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.training_pipeline import training_pipeline  # imports Prefect and torch: only when running
     from kiln.store import ArtifactStore
     from tasks.package import bundle_location
