@@ -28,28 +28,34 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: DatasetSource = "digits"  # which loader the download stage uses
-    uri: str | None = None  # imagefolder: folder, .tar.gz/.zip or http(s) URL; torchvision sets: mirror base URL
-    test_fraction: float = Field(0.2, gt=0, lt=1)  # held-out share when the source has no test split
-    image_size: int | None = Field(None, ge=4, le=1024)  # resize imagefolder images to this square size
-    max_train_samples: int | None = Field(None, ge=1)  # stratified subsample, for quick runs
+    source: DatasetSource = Field("digits", description="which loader the download stage uses")
+    uri: str | None = Field(
+        None, description="imagefolder: folder, .tar.gz/.zip or http(s) URL; torchvision sets: mirror base URL",
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when the source has no test split")
+    image_size: int | None = Field(None, ge=4, le=1024, description="resize imagefolder images to this square size")
+    max_train_samples: int | None = Field(None, ge=1, description="stratified subsample, for quick runs")
     max_test_samples: int | None = Field(None, ge=1)
-    max_archive_bytes: int = Field(8 * 1024**3, ge=1)  # refuse archives that unpack past this (zip bombs)
-    timeout_s: float = Field(60.0, gt=0)  # per HTTP request
-    seed: int = 0  # for the stratified split and subsampling
+    max_archive_bytes: int = Field(8 * 1024**3, ge=1, description="refuse archives that unpack past this (zip bombs)")
+    timeout_s: float = Field(60.0, gt=0, description="per HTTP request")
+    seed: int = Field(0, description="for the stratified split and subsampling")
 
 
 class ValidateConfig(Section):
-    min_pixel_std: float = Field(1.0, ge=0)  # an image whose pixels vary less than this is flagged as blank
-    mostly: float = Field(0.99, gt=0, le=1)  # share of rows that per-row expectations must hold for
-    min_samples_per_class: int = Field(1, ge=1)  # per split
+    min_pixel_std: float = Field(1.0, ge=0, description="an image whose pixels vary less than this is flagged as blank")
+    mostly: float = Field(0.99, gt=0, le=1, description="share of rows that per-row expectations must hold for")
+    min_samples_per_class: int = Field(1, ge=1, description="per split")
 
 
 class AugmentConfig(Section):
-    policy: Literal["auto", "none", "crop", "crop_flip"] = "auto"  # auto: crop+flip for RGB, crop for grayscale
-    crop_padding: int | None = Field(None, ge=0)  # pixels of padding before the random crop; None: size // 8
-    preview_images: int = Field(32, ge=1, le=256)  # images in the preview grid PNG
-    seed: int = 0  # for the preview only; training draws from train.seed
+    policy: Literal["auto", "none", "crop", "crop_flip"] = Field(
+        "auto", description="auto: crop+flip for RGB, crop for grayscale",
+    )
+    crop_padding: int | None = Field(
+        None, ge=0, description="pixels of padding before the random crop; None: size // 8",
+    )
+    preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
+    seed: int = Field(0, description="for the preview only; training draws from train.seed")
 
 
 class TrainConfig(Section):
@@ -57,14 +63,16 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     optimizer: Literal["sgd", "adamw"] = "adamw"
-    lr: float = Field(3e-3, gt=0)  # peak learning rate of the schedule
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the schedule")
     weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on cuda, fp32 on cpu",
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     seed: int = 0
 
     @field_validator("lr", "weight_decay", "momentum", "label_smoothing")
@@ -76,35 +84,41 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    min_accuracy: float = Field(0.0, ge=0, le=1)  # the gate: below this the model is not blessed
-    on_gate_failure: Literal["stop", "continue"] = "stop"  # continue: package anyway, marked not blessed
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="the gate: below this the model is not blessed")
+    on_gate_failure: Literal["stop", "continue"] = Field(
+        "stop", description="continue: package anyway, marked not blessed",
+    )
     batch_size: int = Field(512, ge=1)
 
 
 class ExportConfig(Section):
     opset: int = Field(18, ge=13, le=23)
-    parity_samples: int = Field(256, ge=1)  # test images compared between PyTorch and onnxruntime
-    parity_atol: float = Field(1e-4, gt=0)  # max |prob_torch - prob_onnx| allowed
+    parity_samples: int = Field(256, ge=1, description="test images compared between PyTorch and onnxruntime")
+    parity_atol: float = Field(1e-4, gt=0, description="max |prob_torch - prob_onnx| allowed")
     min_top1_agreement: float = Field(0.99, ge=0, le=1)
 
 
 class CompressConfig(Section):
     method: Literal["int8_static", "none"] = "int8_static"
-    calibration_samples: int = Field(256, ge=1)  # training images used to calibrate activation ranges
+    calibration_samples: int = Field(256, ge=1, description="training images used to calibrate activation ranges")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1)  # int8 ships only if within this of fp32 (0.01 = 1 pt)
-    latency_runs: int = Field(50, ge=1)  # batch-1 runs timed per variant
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="int8 ships only if within this of fp32 (0.01 = 1 pt)",
+    )
+    latency_runs: int = Field(50, ge=1, description="batch-1 runs timed per variant")
 
 
 class PackageConfig(Section):
     model_name: str = Field("kiln-classifier", pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # None: derived from content
-    archive: bool = True  # also write bundle.tar.gz
+    version: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="None: derived from content",
+    )
+    archive: bool = Field(True, description="also write bundle.tar.gz")
 
 
 class StoreConfig(Section):
-    root: str = "artifacts"  # any fsspec URL: a local path, memory://..., s3://bucket/prefix
+    root: str = Field("artifacts", description="any fsspec URL: a local path, memory://..., s3://bucket/prefix")
 
 
 class PipelineConfig(BaseModel):
@@ -112,7 +126,7 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
-    profile: str = "quickstart"  # informational: the profile this config was built from
+    profile: str = Field("quickstart", description="informational: the profile this config was built from")
     data: DataConfig = DataConfig()
     validation: ValidateConfig = Field(ValidateConfig(), alias="validate")
     augment: AugmentConfig = AugmentConfig()

@@ -26,26 +26,25 @@ def save_image_grid(images_nhwc: np.ndarray, path: Path, columns: int = 8, min_c
 
 
 def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:
-    """A row-normalised heat map with counts, true classes down, predicted across."""
+    """A row-normalised heat map with counts: true classes down the side, predicted classes across the top."""
     classes = len(class_names)
     cell = 44 if classes <= 20 else 20
-    label_width = 8 + 7 * max(len(name) for name in class_names)
-    size = (label_width + classes * cell + 10, label_width + classes * cell + 30)
-    image = Image.new("RGB", size, "white")
+    left = max(48, 12 + 7 * min(14, max(len(name) for name in class_names)))
+    top = 44
+    image = Image.new("RGB", (left + classes * cell + 10, top + classes * cell + 10), "white")
     draw = ImageDraw.Draw(image)
-    row_totals = matrix.sum(axis=1, keepdims=True).clip(min=1)
-    shares = matrix / row_totals
-    draw.text((label_width, 4), "predicted ->   (rows: true class)", fill="black")
+    shares = matrix / matrix.sum(axis=1, keepdims=True).clip(min=1)
+    draw.text((left, 4), "predicted class ->   (rows: true class)", fill="black")
+    for predicted in range(classes):
+        draw.text((left + predicted * cell + 2, top - 16), class_names[predicted][:5], fill="black")
     for true in range(classes):
-        top = label_width + true * cell
-        draw.text((4, top + cell // 3), class_names[true][:14], fill="black")
+        row_top = top + true * cell
+        draw.text((4, row_top + cell // 3), class_names[true][:14], fill="black")
         for predicted in range(classes):
-            left = label_width + predicted * cell
+            cell_left = left + predicted * cell
             shade = int(255 - 200 * shares[true, predicted])
             colour = (shade, shade, 255) if true == predicted else (255, shade, shade)
-            draw.rectangle([left, top, left + cell - 2, top + cell - 2], fill=colour)
+            draw.rectangle([cell_left, row_top, cell_left + cell - 2, row_top + cell - 2], fill=colour)
             if cell >= 40:
-                draw.text((left + 4, top + cell // 3), str(int(matrix[true, predicted])), fill="black")
-    for predicted in range(classes):
-        draw.text((label_width + predicted * cell + 2, label_width - 14), class_names[predicted][:5], fill="black")
+                draw.text((cell_left + 4, row_top + cell // 3), str(int(matrix[true, predicted])), fill="black")
     image.save(path)

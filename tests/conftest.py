@@ -85,6 +85,16 @@ def publish_model(store: ArtifactStore, dataset_ref: ArtifactRef, model_name: st
     return stage.produce(store, TrainConfig(model=model_name), {"dataset": dataset_ref}, build)
 
 
+def copy_outputs(store: ArtifactStore, refs: list[ArtifactRef], root: Path) -> tuple[ArtifactStore, list[ArtifactRef]]:
+    """A private store at `root` holding copies of `refs` (for tests that break or monkeypatch a stage)."""
+    import shutil
+
+    for ref in refs:
+        shutil.copytree(Path(store.root, ref.stage, ref.key), root / ref.stage / ref.key)
+    copy = ArtifactStore(root)
+    return copy, [copy.lookup(ref.stage, ref.key) for ref in refs]
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(tmp_path / "store")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from tasks.compress import (
     select_variant,
 )
 from tasks.export import export
-from tests.conftest import make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
 
 CONFIG = CompressConfig(latency_runs=5)
 
@@ -50,10 +49,8 @@ def compressed(exported):
 def fresh(exported, tmp_path: Path):
     """A private copy of the module's dataset and export, for tests that monkeypatch the stage."""
     store, dataset_ref, export_ref = exported
-    for stage in (dataset_ref.stage, export_ref.stage):
-        shutil.copytree(Path(store.root, stage), tmp_path / "store" / stage)
-    copy = ArtifactStore(tmp_path / "store")
-    return copy, copy.lookup(dataset_ref.stage, dataset_ref.key), copy.lookup(export_ref.stage, export_ref.key)
+    copy, (dataset_ref_copy, export_ref_copy) = copy_outputs(store, [dataset_ref, export_ref], tmp_path / "store")
+    return copy, dataset_ref_copy, export_ref_copy
 
 
 def report_rows(store: ArtifactStore, ref) -> pd.DataFrame:

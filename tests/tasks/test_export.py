@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from kiln.onnx_tools import ort_session, run_onnx
 from kiln.preprocess import Preprocessing
 from kiln.store import ArtifactStore
 from tasks.export import MODEL_FILE, PARITY_FILE, PREPROCESS_FILE, STAGE, export
-from tests.conftest import make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
 
 CONFIG = ExportConfig()
 
@@ -44,10 +43,8 @@ def exported(trained):
 def fresh(trained, tmp_path: Path):
     """A private copy of the module's dataset and model, for tests that fail or monkeypatch the stage."""
     store, dataset_ref, model_ref = trained
-    for stage in (dataset_ref.stage, model_ref.stage):
-        shutil.copytree(Path(store.root, stage), tmp_path / "store" / stage)
-    copy = ArtifactStore(tmp_path / "store")
-    return copy, copy.lookup(dataset_ref.stage, dataset_ref.key), copy.lookup(model_ref.stage, model_ref.key)
+    copy, (dataset_ref_copy, model_ref_copy) = copy_outputs(store, [dataset_ref, model_ref], tmp_path / "store")
+    return copy, dataset_ref_copy, model_ref_copy
 
 
 def output_dirs(store: ArtifactStore, stage: str) -> list[Path]:
