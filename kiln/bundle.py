@@ -7,6 +7,7 @@
         preprocess.json    resize, channels, normalization (see kiln.preprocess)
         metrics.json       evaluation and compression results
         model_card.md      what it is, how it was made, how well it does, how to run it
+        provenance.json    every stage output it descends from: key, digest, code version, resolved config
         manifest.json      every file's size and sha256; checked before the model is loaded
 
 No torch import here: `kiln predict` must work where only the bundle's runtime dependencies are installed.
@@ -26,20 +27,16 @@ import numpy as np
 
 from kiln.errors import BundleError, IntegrityError
 from kiln.preprocess import Preprocessing
-from kiln.store import FileEntry, sha256_file, verify_files
+from kiln.store import MANIFEST_NAME, FileEntry, list_files, verify_files
 
-BUNDLE_MANIFEST = "manifest.json"
+BUNDLE_MANIFEST = MANIFEST_NAME
 BUNDLE_SCHEMA_VERSION = 1
 REQUIRED_FILES = ("model.onnx", "labels.json", "preprocess.json", "metrics.json", "model_card.md")
 
 
 def write_bundle_manifest(bundle_dir: Path, model_name: str, version: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Checksum every file in `bundle_dir` into its manifest.json; returns the manifest."""
-    files = [
-        {"path": path.relative_to(bundle_dir).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)}
-        for path in sorted(bundle_dir.rglob("*"))
-        if path.is_file() and path.name != BUNDLE_MANIFEST
-    ]
+    files = [entry.model_dump() for entry in list_files(bundle_dir)]
     manifest = {
         "schema_version": BUNDLE_SCHEMA_VERSION,
         "model_name": model_name,

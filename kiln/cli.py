@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from kiln.config import PROFILE_NAMES
@@ -74,6 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     # Without PREFECT_API_URL, Prefect starts a temporary local server; its first start creates the database,
     # which can take longer than Prefect's 20 s default on a slow disk or a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # kiln runs offline by default; the temporary server's telemetry heartbeat only logs connection errors there.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.training_pipeline import training_pipeline  # imports Prefect and torch: only when running
     from kiln.store import ArtifactStore
     from tasks.package import bundle_location
@@ -96,8 +99,9 @@ def _predict(args: argparse.Namespace) -> int:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:
         raise KilnError(f"image file(s) not found: {', '.join(missing)}")
-    bundle = load_bundle(args.bundle)
-    for prediction in bundle.predict_files(args.images):
+    with tempfile.TemporaryDirectory(prefix="kiln-bundle-") as scratch:  # used only when BUNDLE is an archive
+        predictions = load_bundle(args.bundle, extract_to=Path(scratch)).predict_files(args.images)
+    for prediction in predictions:
         if args.json:
             print(json.dumps(prediction.__dict__))
         else:

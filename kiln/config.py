@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -25,9 +25,15 @@ class Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+    # Settings that change how a stage runs but never what it writes; left out of the stage's content key.
+    not_in_key: ClassVar[frozenset[str]] = frozenset()
+
+    def key_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.not_in_key))
 
 
 class DataConfig(Section):
+    not_in_key = frozenset({"timeout_s", "max_archive_bytes"})
     source: DatasetSource = Field("digits", description="which loader the download stage uses")
     uri: str | None = Field(
         None, description="imagefolder: folder, .tar.gz/.zip or http(s) URL; torchvision sets: mirror base URL",
@@ -43,6 +49,9 @@ class DataConfig(Section):
 
 class ValidateConfig(Section):
     min_pixel_std: float = Field(1.0, ge=0, description="an image whose pixels vary less than this is flagged as blank")
+    min_peak_pixel: int = Field(
+        64, ge=0, le=255, description="a split's brightest pixel must reach this (catches 0..1 or 0..16 data)"
+    )
     mostly: float = Field(0.99, gt=0, le=1, description="share of rows that per-row expectations must hold for")
     min_samples_per_class: int = Field(1, ge=1, description="per split")
 
@@ -203,14 +212,23 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {override!r} must look like section.key=value, e.g. --set train.epochs=5")
     section, key = parts
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
     target = values.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"--set {override!r}: {section!r} is not a config section")
-    target[key] = value
+    target[key] = _override_value(raw.strip())
+
+
+def _override_value(raw: str) -> Any:
+    """Scalars stay text so the field's type decides (version=1.0 stays "1.0"); null/~/empty mean None;
+    YAML lists and mappings are parsed."""
+    if raw in ("", "null", "~", "None"):
+        return None
+    if raw[0] in "[{":
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    return raw
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ Files in a download output directory:
     train_labels.npy, test_labels.npy   int64 [N], indices into classes
     dataset.json                        name, classes, image shape, counts, per-channel mean/std of train
     samples.csv                         one row per sample: split, label, height, width, channels, mean, std,
-                                        content_hash, source (what data validation runs on)
+                                        max (brightest pixel), content_hash, source (what data validation runs on)
     skipped.csv                         files that were not used, with the reason (may be empty)
 Arrays are plain .npy loaded with allow_pickle=False: nothing is unpickled.
 """
@@ -24,7 +24,7 @@ from kiln.errors import DataError
 from kiln.store import read_json, write_json
 
 SPLITS = ("train", "test")
-SAMPLE_COLUMNS = ("split", "label", "height", "width", "channels", "mean", "std", "content_hash", "source")
+SAMPLE_COLUMNS = ("split", "label", "height", "width", "channels", "mean", "std", "max", "content_hash", "source")
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,7 @@ def sample_table(dataset: ImageDataset) -> pd.DataFrame:
                     "channels": channels,
                     "mean": as_float.mean(axis=1).round(3),
                     "std": as_float.std(axis=1).round(3),
+                    "max": images.reshape(count, -1).max(axis=1) if count else np.zeros(0, dtype=np.uint8),
                     "content_hash": [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in images],
                     "source": sources,
                 }

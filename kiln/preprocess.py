@@ -52,7 +52,7 @@ class Preprocessing:
     def load_image(self, path: Path) -> np.ndarray:
         """Read an image file as uint8 [H, W, C] at this size and channel count, decoded exactly as the download
         stage decodes training images. Raises ValueError naming the file if it is not a readable image."""
-        from kiln.sources.images import decode_image, resize, to_channels
+        from kiln.decoding import decode_image, resize, to_channels
 
         pixels = decode_image(Path(path), None)
         if isinstance(pixels, str):

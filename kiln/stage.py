@@ -7,8 +7,9 @@ and the directory is published atomically with its manifest.
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
+import importlib.util
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -43,7 +44,7 @@ class Stage:
         fingerprint = self.source_fingerprint(config) if self.source_fingerprint else ""
         material = {
             "stage": self.name,
-            "config": config.model_dump(mode="json"),
+            "config": config.key_fields() if hasattr(config, "key_fields") else config.model_dump(mode="json"),
             "inputs": {name: ref.digest for name, ref in sorted(inputs.items())},
             "source_fingerprint": fingerprint,
             "code": self.code_version(),
@@ -79,11 +80,50 @@ class Stage:
 
 @cache
 def _code_version(module_name: str) -> str:
-    import importlib
+    """Hash of the stage module's source and of every project module it imports, directly or not.
 
+    Editing the CLI or another stage leaves this stage's key, and so its stored output, untouched.
+    """
     digest = hashlib.sha256(kiln.__version__.encode())
-    core_dir = Path(kiln.__file__).parent
-    sources = sorted(core_dir.rglob("*.py")) + [Path(inspect.getfile(importlib.import_module(module_name)))]
-    for source in sources:
-        digest.update(source.read_bytes())
+    for path in sorted(_project_sources(module_name)):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _project_sources(module_name: str) -> set[Path]:
+    """Source files of `module_name` and of the kiln/tasks/flows modules it imports (anywhere in its body)."""
+    seen: dict[str, Path] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        if name in seen or name.split(".")[0] not in _PROJECT_PACKAGES:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # `from module import function` names no module
+            continue
+        if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+            continue
+        seen[name] = Path(spec.origin)
+        pending.extend(_imported_names(Path(spec.origin), name, is_package=spec.submodule_search_locations is not None))
+    return set(seen.values())
+
+
+_PROJECT_PACKAGES = ("kiln", "tasks", "flows")
+
+
+def _imported_names(path: Path, module_name: str, is_package: bool) -> list[str]:
+    package = module_name if is_package else module_name.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import module` imports a module
+    expanded = []  # importing a.b.c runs a/__init__ and a/b/__init__ too
+    for name in names:
+        parts = name.split(".")
+        expanded += [".".join(parts[: index + 1]) for index in range(len(parts))]
+    return expanded

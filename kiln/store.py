@@ -87,9 +87,25 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+REPORT_DIR = "report"  # files under <output>/report/ are for people (previews, plots): checksummed, not in the digest
+
+
+def list_files(directory: Path) -> list[FileEntry]:
+    """Every file under `directory` (but its top-level manifest.json) with size and sha256, sorted by path."""
+    return [
+        FileEntry(path=path.relative_to(directory).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path != directory / MANIFEST_NAME
+    ]
+
+
 def content_digest(files: list[FileEntry]) -> str:
-    """The digest of an output: a hash over its files' relative paths and sha256s."""
-    listing = "\n".join(f"{entry.path}\t{entry.sha256}" for entry in sorted(files, key=lambda e: e.path))
+    """The digest of an output: a hash over the relative paths and sha256s of the files downstream stages read.
+
+    Files under report/ are left out, so that re-drawing a preview does not retrain everything after it.
+    """
+    consumed = [entry for entry in files if not entry.path.startswith(f"{REPORT_DIR}/")]
+    listing = "\n".join(f"{entry.path}\t{entry.sha256}" for entry in sorted(consumed, key=lambda e: e.path))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -184,11 +200,7 @@ class ArtifactStore:
 
         If another writer published the same key first, its output wins and ours is discarded.
         """
-        files = [
-            FileEntry(path=path.relative_to(built_dir).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
-            for path in sorted(built_dir.rglob("*"))
-            if path.is_file() and path != built_dir / MANIFEST_NAME
-        ]
+        files = list_files(built_dir)
         manifest = Manifest(
             stage=stage,
             key=key,

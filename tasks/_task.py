@@ -8,7 +8,9 @@ reuse path and records it; later runs are served by Prefect's cache directly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +23,14 @@ from kiln.config import StoreConfig
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore
 
+KILN_LOGGER = logging.getLogger("kiln")
+
 
 def stage_task(stage: Stage, **task_options: Any) -> Callable:
-    """Decorate a stage's wrapper `fn(config, <ArtifactRef inputs>..., store: StoreConfig)` as a Prefect task."""
+    """Decorate a stage's wrapper `fn(config, <ArtifactRef inputs>..., store: StoreConfig)` as a Prefect task.
+
+    The pure stage functions log to the standard "kiln" logger; inside the task those records go to the run's log.
+    """
     options = {
         "name": stage.name,
         "cache_key_fn": _cache_key_fn(stage),
@@ -31,7 +38,30 @@ def stage_task(stage: Stage, **task_options: Any) -> Callable:
         "result_serializer": "json",
         **task_options,
     }
-    return task(**options)
+
+    return lambda fn: task(**options)(forward_kiln_logs(fn))
+
+
+def forward_kiln_logs(fn: Callable) -> Callable:
+    """Wrap a task function so that records of the "kiln" logger reach the Prefect run's log while it runs."""
+
+    @functools.wraps(fn)
+    def with_run_logging(*args: Any, **kwargs: Any) -> Any:
+        handler = _RunLogForwarder()
+        KILN_LOGGER.addHandler(handler)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            KILN_LOGGER.removeHandler(handler)
+
+    return with_run_logging
+
+
+class _RunLogForwarder(logging.Handler):
+    """Sends "kiln" log records to the current Prefect run's logger (shown in the UI)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_run_logger().log(record.levelno, record.getMessage())
 
 
 def _cache_key_fn(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
@@ -59,23 +89,13 @@ def in_prefect_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
-def log(message: str) -> None:
-    """Log through Prefect's run logger inside a run; through the standard logger otherwise."""
-    if in_prefect_run():
-        get_run_logger().info(message)
-    else:
-        import logging
-
-        logging.getLogger("kiln").info(message)
-
-
 def report(ref: ArtifactRef, store: StoreConfig, title: str, lines: list[str] | None = None) -> None:
     """Publish a short markdown Prefect artifact for a stage output (skipped outside a Prefect run)."""
     manifest = ArtifactStore(store.root).manifest(ref)
     status = "reused from the store" if ref.reused else f"computed in {manifest.duration_s:.1f} s"
     body = [f"## {title}", "", f"- output: `{ref.uri}` ({status})", f"- content digest: `{ref.digest[:16]}`"]
     body += lines or []
-    log(f"{ref.stage}: {status} -> {ref.uri}")
+    KILN_LOGGER.info(f"{ref.stage}: {status} -> {ref.uri}")
     if in_prefect_run():
         create_markdown_artifact(markdown="\n".join(body), key=f"kiln-{ref.stage}", description=title)
 

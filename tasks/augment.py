@@ -1,7 +1,7 @@
 """Stage 3, augment: a versioned augmentation policy (torchvision transforms v2) plus a preview image.
 
-Output: `policy.json` (the spec the train stage builds its transform from) and `preview.png` (originals in the
-top rows, the same images augmented below).
+Output: `policy.json` (the spec the train stage builds its transform from) and `report/preview.png` (originals in
+the top rows, the same images augmented below; under report/ so that re-drawing it does not retrain the model).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from kiln.config import AugmentConfig, StoreConfig
 from kiln.dataset import read_info, read_split
 from kiln.imaging import save_image_grid
 from kiln.stage import Stage
-from kiln.store import ArtifactRef, ArtifactStore, write_json
+from kiln.store import REPORT_DIR, ArtifactRef, ArtifactStore, write_json
 from tasks._task import report, stage_task
 
 STAGE = Stage("augment", __name__)
@@ -31,10 +31,12 @@ def augment(config: AugmentConfig, dataset: ArtifactRef, store: ArtifactStore) -
         write_json(out_dir / "policy.json", spec)
         images, _ = read_split(directory, "train")
         originals = images[: config.preview_images]
-        torch.manual_seed(config.seed)
-        augmented = augment_batch(transform, torch.from_numpy(originals).permute(0, 3, 1, 2))
+        with torch.random.fork_rng():  # seed the preview without touching the caller's random state
+            torch.manual_seed(config.seed)
+            augmented = augment_batch(transform, torch.from_numpy(originals).permute(0, 3, 1, 2))
         preview = np.concatenate([originals, augmented.permute(0, 2, 3, 1).numpy()])
-        save_image_grid(preview, out_dir / "preview.png", columns=min(8, len(originals)))
+        (out_dir / REPORT_DIR).mkdir()
+        save_image_grid(preview, out_dir / REPORT_DIR / "preview.png", columns=min(8, len(originals)))
         return {"policy": spec["policy"], "ops": [op["op"] for op in spec["ops"]]}
 
     return STAGE.produce(store, config, {"dataset": dataset}, build)
@@ -46,5 +48,5 @@ def augment_task(config: AugmentConfig, dataset: ArtifactRef, store: StoreConfig
     ref = augment(config, dataset, ArtifactStore(store.root))
     metrics = ArtifactStore(store.root).manifest(ref).metrics
     report(ref, store, "Augmentation policy", [f"- policy: `{metrics['policy']}` ({', '.join(metrics['ops']) or 'no ops'})",
-                                              f"- preview: `{ref.uri}/preview.png`"])
+                                              f"- preview: `{ref.uri}/{REPORT_DIR}/preview.png`"])
     return ref

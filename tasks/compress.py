@@ -37,11 +37,11 @@ from kiln.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from tasks._task import report, report_table, stage_task
+from tasks.export import MODEL_FILE as FP32_FILE
+from tasks.export import PREPROCESS_FILE
 
 STAGE = Stage("compress", __name__)
-FP32_FILE = "model.fp32.onnx"  # in the export output
 INT8_FILE = "model.int8.onnx"
-PREPROCESS_FILE = "preprocess.json"  # in the export output
 REPORT_FILE = "compression_report.csv"
 SELECTION_FILE = "selection.json"
 REPORT_COLUMNS = (

@@ -7,6 +7,8 @@ The gate itself (`check_gate`) is a separate, uncached step so that a cached eva
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 from prefect import task
@@ -22,8 +24,9 @@ from kiln.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from kiln.training import predict_probabilities, resolve_runtime
-from tasks._task import log, report, report_table, stage_task
+from tasks._task import forward_kiln_logs, report, report_table, stage_task
 
+LOGGER = logging.getLogger("kiln")
 STAGE = Stage("evaluate", __name__)
 
 
@@ -61,15 +64,15 @@ def evaluate(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactRef, s
 def check_gate(config: EvaluateConfig, evaluation: ArtifactRef, store: ArtifactStore) -> bool:
     """True when blessed. Raises GateFailed when not blessed and config.on_gate_failure is "stop"."""
     metrics = read_json(store.materialize(evaluation) / "metrics.json")
-    if metrics["accuracy"] >= config.min_accuracy:
+    if metrics["blessed"]:  # the verdict evaluate recorded, so the gate and the bundle can never disagree
         return True
     message = (
-        f"model accuracy {metrics['accuracy']:.4f} is below evaluate.min_accuracy {config.min_accuracy:.4f}: "
+        f"model accuracy {metrics['accuracy']:.5f} is below evaluate.min_accuracy {config.min_accuracy}: "
         f"train longer or a larger model (train.epochs, train.model), or lower the threshold"
     )
     if config.on_gate_failure == "stop":
         raise GateFailed(message + " (or set evaluate.on_gate_failure=continue to package it as not blessed)")
-    log(f"not blessed, packaging anyway: {message}")
+    LOGGER.warning(f"not blessed, packaging anyway: {message}")
     return False
 
 
@@ -91,6 +94,7 @@ def evaluate_task(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactR
 
 
 @task(name="gate", cache_policy=NO_CACHE, persist_result=False)
+@forward_kiln_logs
 def gate_task(config: EvaluateConfig, evaluation: ArtifactRef, store: StoreConfig) -> bool:
     """Stop the pipeline here if the model is not blessed (unless configured to continue)."""
     return check_gate(config, evaluation, ArtifactStore(store.root))

@@ -18,6 +18,9 @@ from kiln.dataset import read_info
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from tasks._task import report, stage_task
+from tasks.compress import REPORT_FILE, SELECTION_FILE
+from tasks.export import MODEL_FILE as FP32_FILE
+from tasks.export import PARITY_FILE, PREPROCESS_FILE
 
 STAGE = Stage("package", __name__)
 
@@ -38,17 +41,17 @@ def package(
 
     def build(out_dir: Path):
         dirs = {name: store.materialize(ref) for name, ref in inputs.items()}
-        selection = read_json(dirs["compressed"] / "selection.json")
-        chosen_file = dirs["compressed"] / selection["file"] if selection["chosen"] != "fp32" else None
+        selection = read_json(dirs["compressed"] / SELECTION_FILE)
+        chosen_dir = dirs["exported"] if selection["stage"] == "export" else dirs["compressed"]
         bundle_dir = out_dir / f"{config.model_name}-{version}"
         bundle_dir.mkdir()
-        shutil.copyfile(dirs["exported"] / "model.fp32.onnx", bundle_dir / "model.fp32.onnx")
-        shutil.copyfile(chosen_file or dirs["exported"] / "model.fp32.onnx", bundle_dir / "model.onnx")
-        shutil.copyfile(dirs["exported"] / "preprocess.json", bundle_dir / "preprocess.json")
+        shutil.copyfile(dirs["exported"] / FP32_FILE, bundle_dir / "model.fp32.onnx")
+        shutil.copyfile(chosen_dir / selection["file"], bundle_dir / "model.onnx")
+        shutil.copyfile(dirs["exported"] / PREPROCESS_FILE, bundle_dir / "preprocess.json")
         info = read_info(dirs["dataset"])
         write_json(bundle_dir / "labels.json", info.classes)
         evaluation_metrics = read_json(dirs["evaluation"] / "metrics.json")
-        compression = pd.read_csv(dirs["compressed"] / "compression_report.csv")
+        compression = pd.read_csv(dirs["compressed"] / REPORT_FILE)
         metrics = {
             "evaluation": evaluation_metrics,
             "compression": compression.to_dict(orient="records"),
@@ -56,6 +59,7 @@ def package(
             "selection_reason": selection["reason"],
         }
         write_json(bundle_dir / "metrics.json", metrics)
+        write_json(bundle_dir / "provenance.json", provenance(store, inputs))
         card = model_card(config, version, info, store.manifest(model), dirs, metrics)
         (bundle_dir / "model_card.md").write_text(card)
         write_bundle_manifest(
@@ -74,6 +78,29 @@ def package(
         }
 
     return STAGE.produce(store, config, inputs, build)
+
+
+def provenance(store: ArtifactStore, inputs: dict[str, ArtifactRef]) -> dict[str, Any]:
+    """Every stage output the bundle descends from: key, content digest, code version, resolved config, versions."""
+    lineage: dict[str, Any] = {}
+    pending = list(inputs.values())
+    while pending:
+        ref = pending.pop()
+        if ref.stage in lineage:
+            continue
+        manifest = store.manifest(ref)
+        lineage[ref.stage] = {
+            "key": manifest.key,
+            "digest": manifest.digest,
+            "code_version": manifest.code_version,
+            "created_at": manifest.created_at,
+            "config": manifest.config,
+            "versions": manifest.versions,
+        }
+        pending += [ArtifactRef(**upstream) for upstream in manifest.inputs.values()]
+    order = ["download", "augment", "train", "evaluate", "export", "compress"]
+    ranked = sorted(lineage, key=lambda stage: order.index(stage) if stage in order else len(order))
+    return {"stages": {stage: lineage[stage] for stage in ranked}}
 
 
 def bundle_location(ref: ArtifactRef, store: ArtifactStore) -> tuple[str, str | None]:
@@ -97,7 +124,7 @@ def model_card(
     train_config = train_manifest.config
     per_class = pd.read_csv(dirs["evaluation"] / "per_class.csv")
     compression = pd.DataFrame(metrics["compression"])
-    parity = read_json(dirs["exported"] / "parity.json")
+    parity = read_json(dirs["exported"] / PARITY_FILE)
     verdict = "blessed" if evaluation["blessed"] else "NOT blessed (below the gate; do not deploy)"
     lines = [
         f"# Model card: {config.model_name} {version}",

@@ -7,6 +7,7 @@ output is published, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pandas as pd
@@ -20,8 +21,9 @@ from kiln.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from kiln.training import AugmentedImages, EpochCallback, fit, resolve_runtime
-from tasks._task import log, report, report_table, stage_task
+from tasks._task import report, report_table, stage_task
 
+LOGGER = logging.getLogger("kiln")
 STAGE = Stage("train", __name__)
 
 
@@ -44,7 +46,7 @@ def train(
         spec = ModelSpec(config.model, info.image_shape, info.num_classes)
         runtime = resolve_runtime(config.device, config.precision)
         for note in runtime.notes:
-            log(note)
+            LOGGER.warning(note)
         torch.manual_seed(config.seed)
         model = build_model(spec)
         transform = build_transform(read_json(store.materialize(policy) / "policy.json"))
@@ -86,7 +88,7 @@ def train_task(config: TrainConfig, dataset: ArtifactRef, policy: ArtifactRef, s
     """Train the model, logging every epoch."""
 
     def log_epoch(row):
-        log(
+        LOGGER.info(
             f"epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
             f"train acc {row['train_accuracy']:.3f}, test acc {row['test_accuracy']:.3f}, {row['images_per_s']:.0f} img/s"
         )

@@ -11,7 +11,8 @@ GX 1.x has no expectation for. Output files:
     summary.json   success, counts, per-class counts, where the Data Docs pages are
     data_docs/     GX Data Docs (index.html, one page per split); static HTML, styled by CDN assets when online
 
-Any failed check raises ValidationFailed listing every failure with a fix, and nothing is published. GX runs in an
+Any failed check raises ValidationFailed listing every failure with a fix, and nothing is published: the results
+and Data Docs of a failed run are kept in the store's scratch area (.scratch/validate/<key>/), named in the error. GX runs in an
 ephemeral, in-memory context: it writes nothing outside the output directory and sends nothing over the network.
 GX is imported lazily because importing it takes seconds.
 """
@@ -19,6 +20,7 @@ GX is imported lazily because importing it takes seconds.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +48,26 @@ def validate(config: ValidateConfig, dataset: ArtifactRef, store: ArtifactStore)
     Raises ValidationFailed (and publishes nothing) when any expectation or kiln check fails.
     """
 
+    key = STAGE.key(config, {"dataset": dataset})
+
     def build(out_dir: Path) -> dict[str, Any]:
         directory = store.materialize(dataset)
         samples, info = read_samples(directory), read_info(directory)
         results = check_samples(samples, info, config, out_dir / DOCS_DIR)
-        failed = [entry for entry in results if not entry["success"]]
-        if failed:
-            raise ValidationFailed(describe_failures(failed, len(results), info, dataset))
         summary = _summary(samples, info, results, out_dir / DOCS_DIR)
         write_json(out_dir / "results.json", results)
         write_json(out_dir / "summary.json", summary)
+        failed = [entry for entry in results if not entry["success"]]
+        if failed:
+            # Not published (nothing downstream may use this data), but kept for the person fixing it.
+            kept = store.scratch_dir(STAGE.name, key)
+            shutil.rmtree(kept)
+            shutil.copytree(out_dir, kept)
+            report_path = kept / DOCS_DIR / "index.html"
+            raise ValidationFailed(
+                describe_failures(failed, len(results), info, dataset)
+                + f"\nFull results: {kept / 'results.json'}; Data Docs: {report_path.as_uri()}"
+            )
         return {
             "expectations_evaluated": summary["expectations_evaluated"],
             "expectations_failed": 0,
@@ -131,7 +143,7 @@ def table_expectations() -> list:
 
     return [
         gx.expectations.ExpectTableColumnsToMatchOrderedList(column_list=list(SAMPLE_COLUMNS)),
-        gx.expectations.ExpectColumnValuesToNotBeNull(column="split"),
+        *[gx.expectations.ExpectColumnValuesToNotBeNull(column=column) for column in SAMPLE_COLUMNS],
         gx.expectations.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
     ]
 
@@ -144,8 +156,6 @@ def split_expectations(info: DatasetInfo, config: ValidateConfig) -> list:
     class_indices = list(range(info.num_classes))
     height, width, channels = info.image_shape
     return [
-        expect.ExpectColumnValuesToNotBeNull(column="label"),
-        expect.ExpectColumnValuesToNotBeNull(column="content_hash"),
         expect.ExpectColumnValuesToBeInSet(column="label", value_set=class_indices),
         # "contain" (not "equal"): extra labels are already caught above, and GX 1.24 cannot render a failed
         # expect_column_distinct_values_to_equal_set in Data Docs.
@@ -154,6 +164,8 @@ def split_expectations(info: DatasetInfo, config: ValidateConfig) -> list:
         expect.ExpectColumnValuesToBeInSet(column="width", value_set=[width]),
         expect.ExpectColumnValuesToBeInSet(column="channels", value_set=[channels]),
         expect.ExpectColumnValuesToBeBetween(column="mean", min_value=0, max_value=255),
+        # uint8 pixels are always within 0..255; data that never gets bright was stored on another scale
+        expect.ExpectColumnMaxToBeBetween(column="max", min_value=config.min_peak_pixel, max_value=255),
         expect.ExpectColumnValuesToBeBetween(
             column="std", min_value=config.min_pixel_std, max_value=255, mostly=config.mostly
         ),

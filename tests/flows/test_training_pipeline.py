@@ -17,6 +17,16 @@ from tasks.package import bundle_location
 STAGES = ["download", "validate", "augment", "train", "evaluate", "export", "compress", "package"]
 
 
+def task_run_states(flow_run_id) -> dict[str, str]:
+    """Task name -> state name of one flow run's task runs, read back through the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # run names are "<task>-<suffix>"
+
+
 @pytest.fixture(scope="module")
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
@@ -74,8 +84,12 @@ def test_second_identical_run_reuses_every_stage(pipeline_run):
     second = training_pipeline(config)
     assert all(ref.reused for ref in second.values()), {name: ref.reused for name, ref in second.items()}
     assert {name: ref.key for name, ref in second.items()} == {name: ref.key for name, ref in first.items()}
-    third = training_pipeline(config)  # now served from Prefect's task cache, keyed on the same hashes
+    third_state = training_pipeline(config, return_state=True)  # now served by Prefect's cache, keyed on the hashes
+    third = third_state.result()
     assert {name: ref.digest for name, ref in third.items()} == {name: ref.digest for name, ref in first.items()}
+    states = task_run_states(third_state.state_details.flow_run_id)
+    assert {name: states[name] for name in STAGES} == dict.fromkeys(STAGES, "Cached")
+    assert states["gate"] == "Completed"  # the gate is never cached: it must judge every run
 
 
 def test_changing_one_section_recomputes_only_downstream(pipeline_run):

@@ -33,7 +33,7 @@ def test_stage_writes_policy_and_preview(store, dataset_ref):
     out = store.materialize(ref)
     spec = json.loads((out / "policy.json").read_text())
     assert spec["version"] == 1 and spec["image_shape"] == [8, 8, 3]
-    preview = Image.open(out / "preview.png")
+    preview = Image.open(out / "report" / "preview.png")
     assert preview.width > 6 * 8 and preview.height > 2 * 8  # two rows (original, augmented), upscaled
     assert augment(AugmentConfig(preview_images=6), dataset_ref, store).reused
 
@@ -42,4 +42,10 @@ def test_grayscale_dataset_gets_no_flip(store):
     ref = publish_dataset(store, make_blobs_dataset(channels=1))
     spec = json.loads((store.materialize(augment(AugmentConfig(), ref, store)) / "policy.json").read_text())
     assert spec["policy"] == "crop"
-    assert np.array(Image.open(store.materialize(augment(AugmentConfig(), ref, store)) / "preview.png")).ndim == 3
+    assert np.array(Image.open(store.materialize(augment(AugmentConfig(), ref, store)) / "report/preview.png")).ndim == 3
+
+
+def test_preview_settings_do_not_change_what_training_reads(store, dataset_ref):
+    small = augment(AugmentConfig(preview_images=4, seed=1), dataset_ref, store)
+    large = augment(AugmentConfig(preview_images=16, seed=2), dataset_ref, store)
+    assert small.key != large.key and small.digest == large.digest

@@ -357,7 +357,7 @@ def test_truncated_images_are_never_loaded_half_grey(monkeypatch, store, tmp_pat
 
 
 def test_worker_processes_decode_the_same_as_one_process(monkeypatch, tmp_path):
-    from kiln.sources import images
+    from kiln import decoding as images
 
     paths = write_files(tmp_path / "many", class_files("", {"a": 0, "b": 100}, per_class=6))
     items = [(path.name, path) for path in sorted(paths.rglob("*.png"))] + [("junk", b"junk")]

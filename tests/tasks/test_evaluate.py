@@ -35,11 +35,17 @@ def test_evaluation_outputs_and_consistency(store, model_ref, dataset_ref):
     assert check_gate(EvaluateConfig(min_accuracy=0.5), ref, store) is True
 
 
-def test_gate_stops_or_continues(store, model_ref, dataset_ref):
-    strict = EvaluateConfig(min_accuracy=1.0)
-    ref = evaluate(strict, model_ref, dataset_ref, store)
-    accuracy = json.loads((store.materialize(ref) / "metrics.json").read_text())["accuracy"]
-    if accuracy < 1.0:
-        with pytest.raises(GateFailed, match="below evaluate.min_accuracy 1.0000"):
-            check_gate(strict, ref, store)
-        assert check_gate(strict.model_copy(update={"on_gate_failure": "continue"}), ref, store) is False
+def test_gate_stops_or_continues(store):
+    """A hand-written evaluation below its threshold: the gate stops the run, or lets it through as not blessed."""
+    from kiln.stage import Stage
+
+    strict = EvaluateConfig(min_accuracy=0.95)
+    metrics = {"accuracy": 0.94999, "blessed": False, "min_accuracy": 0.95}
+
+    def build(out_dir):
+        (out_dir / "metrics.json").write_text(json.dumps(metrics))
+
+    ref = Stage("evaluate", __name__).produce(store, strict, {}, build)
+    with pytest.raises(GateFailed, match=r"accuracy 0.94999 is below evaluate.min_accuracy 0.95.*on_gate_failure"):
+        check_gate(strict, ref, store)
+    assert check_gate(strict.model_copy(update={"on_gate_failure": "continue"}), ref, store) is False

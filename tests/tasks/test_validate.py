@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from tests.conftest import publish_dataset
 
 
 def _variant(blobs: ImageDataset, name: str, **arrays: np.ndarray) -> ImageDataset:
-    # publish_dataset keys by name and train pixels, so every variant gets its own name.
     fields = {key: getattr(blobs, key) for key in ("train_images", "train_labels", "test_images", "test_labels")}
     return ImageDataset(name, blobs.classes, **{**fields, **arrays})
 
@@ -45,10 +45,10 @@ def test_good_dataset_passes_with_results_summary_and_data_docs(store, dataset_r
     assert summary["success"] is True
     assert summary["counts"] == {"train": 72, "test": 24}
     assert summary["samples_per_class"]["test"] == {"class_0": 8, "class_1": 8, "class_2": 8}
-    # 3 table-level expectations, 9 per split, and kiln's per-class count check per split.
-    assert summary["expectations_evaluated"] == len(results) == 3 + 2 * 9 + 2
+    # table-level: schema, no nulls in each of the 10 columns, split values; 8 per split; kiln's count check per split
+    assert summary["expectations_evaluated"] == len(results) == 12 + 2 * 8 + 2
     assert all(entry["success"] for entry in results)
-    std_checks = [entry for entry in results if entry["column"] == "std"]
+    std_checks = [entry for entry in results if entry["column"] == "std" and "between" in entry["expectation"]]
     assert [entry["split"] for entry in std_checks] == ["train", "test"]
     assert std_checks[0]["kwargs"]["min_value"] == 1.0 and std_checks[0]["kwargs"]["mostly"] == 0.99
     schema = next(entry for entry in results if entry["expectation"] == "expect_table_columns_to_match_ordered_list")
@@ -96,12 +96,18 @@ def test_class_missing_from_test_fails_naming_class_and_split_and_publishes_noth
         validate(ValidateConfig(), dataset_ref, store)
 
     message = str(failure.value)
-    assert "2 of 23 data checks failed" in message
+    assert "2 of 30 data checks failed" in message
     assert "test: expect_column_distinct_values_to_contain_set(label): missing values: 2 (class_2)" in message
     assert "test: kiln_min_samples_per_class(label): classes with fewer than 1 samples: class_2: 0" in message
     assert "train:" not in message
     assert "fix: every class needs samples in both splits" in message
     assert _published_validate_outputs(store) == []
+    # ...but the failed run's results and Data Docs are kept where the message says
+    kept = re.search(r"Full results: (\S+results.json); Data Docs: file://(\S+index.html)", message)
+    assert kept, message
+    results = json.loads(Path(kept.group(1)).read_text())
+    assert any(not entry["success"] and entry["split"] == "test" for entry in results)
+    assert Path(kept.group(2)).is_file()
 
 
 def test_too_few_samples_per_class_fails_the_kiln_count_check(store, dataset_ref):
@@ -109,7 +115,7 @@ def test_too_few_samples_per_class_fails_the_kiln_count_check(store, dataset_ref
         validate(ValidateConfig(min_samples_per_class=10), dataset_ref, store)  # blobs: 24 train, 8 test per class
 
     message = str(failure.value)
-    assert "1 of 23 data checks failed" in message
+    assert "1 of 30 data checks failed" in message
     assert "test: kiln_min_samples_per_class(label): classes with fewer than 10 samples: class_0: 8, " in message
     assert "or lower validate.min_samples_per_class" in message
     assert _published_validate_outputs(store) == []
@@ -123,7 +129,7 @@ def test_blank_images_beyond_mostly_fail_and_within_mostly_pass(store, blobs):
     with pytest.raises(ValidationFailed) as failure:
         validate(ValidateConfig(mostly=0.99), dataset_ref, store)
     message = str(failure.value)
-    assert "1 of 23 data checks failed" in message
+    assert "1 of 30 data checks failed" in message
     assert "train: expect_column_values_to_be_between(std): 8 unexpected rows (11.11% of rows)" in message
     assert "expected min_value=1.0, max_value=255.0, mostly=0.99" in message
     assert "'std': 0.0, 'source': 'blobs-blank:train:0'" in message
@@ -189,7 +195,15 @@ def test_task_reports_counts_and_a_file_uri_to_the_data_docs(store, dataset_ref,
 
     [(reported_ref, lines)] = reported
     assert reported_ref == ref
-    assert "- checks: 23 passed, 0 failed" in lines
+    assert "- checks: 30 passed, 0 failed" in lines
     assert "- train: 72 samples, at least 24 per class" in lines
     index_uri = (Path(ref.uri) / "data_docs" / "index.html").as_uri()
     assert f"- Data Docs: [{index_uri}]({index_uri})" in lines
+
+
+def test_images_on_the_wrong_scale_fail_the_peak_pixel_check(store, blobs):
+    """Digits left in 0..16 (or floats 0..1 cast to uint8) pass every per-row check but never get bright."""
+    dark = _variant(blobs, "unscaled", train_images=blobs.train_images // 16, test_images=blobs.test_images // 16)
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(min_pixel_std=0.1), publish_dataset(store, dark), store)
+    assert "expect_column_max_to_be_between(max)" in str(failure.value)
