@@ -76,6 +76,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="stratified share of train held out to watch each epoch (never the test split)"
+    )
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -133,7 +133,7 @@ def predict_probabilities(
 def fit(
     model: nn.Module,
     train_set: AugmentedImages,
-    test_set: tuple[np.ndarray, np.ndarray],
+    validation_set: tuple[np.ndarray, np.ndarray] | None,
     prep: Preprocessing,
     config: TrainConfig,
     runtime: Runtime,
@@ -142,7 +142,8 @@ def fit(
 ) -> list[dict[str, Any]]:
     """Train for config.epochs, checkpointing after every epoch and resuming from `checkpoint_path` if present.
 
-    Returns the per-epoch history (train loss/accuracy, test accuracy, lr, throughput).
+    `validation_set` (held out from the training split, never the test split) is scored after every epoch.
+    Returns the per-epoch history (train loss/accuracy, validation accuracy, lr, throughput).
     """
     torch.manual_seed(config.seed)
     model.to(runtime.device)
@@ -174,6 +175,7 @@ def fit(
         generator.set_state(state["generator"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
+        torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         started = time.perf_counter()
@@ -196,13 +198,11 @@ def fit(
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
         seconds = time.perf_counter() - started
-        test_images, test_labels = test_set
-        test_predictions = predict_probabilities(model, test_images, prep, runtime).argmax(axis=1)
         row = {
             "epoch": epoch,
             "train_loss": round(loss_sum / max(seen, 1), 5),
             "train_accuracy": round(correct / max(seen, 1), 5),
-            "test_accuracy": round(float((test_predictions == test_labels).mean()), 5),
+            "val_accuracy": _accuracy(model, validation_set, prep, runtime),
             "lr": round(scheduler.get_last_lr()[0], 6),
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 1),
@@ -214,6 +214,13 @@ def fit(
     return history
 
 
+def _accuracy(model, labelled: tuple[np.ndarray, np.ndarray] | None, prep, runtime: Runtime) -> float | None:
+    if labelled is None or len(labelled[1]) == 0:
+        return None
+    images, labels = labelled
+    return round(float((predict_probabilities(model, images, prep, runtime).argmax(axis=1) == labels).mean()), 5)
+
+
 def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history) -> None:
     """Write to a temp file, then os.replace: a crash mid-write leaves the previous checkpoint intact."""
     temporary = path.with_suffix(".tmp")
@@ -223,6 +230,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: 
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
             "epoch": epoch,
             "history": history,
         },

@@ -139,8 +139,8 @@ def model_card(
         f"- shipped variant: **{metrics['chosen_variant']}** ({metrics['selection_reason']})",
         "",
         "## Training",
-        f"- data: {info.counts['train']} training images, {info.counts['test']} test images; classes: "
-        + ", ".join(info.classes),
+        f"- data: {info.counts['train']} training images ({training['validation_samples']} of them held out to "
+        f"watch each epoch), {info.counts['test']} test images; classes: " + ", ".join(info.classes),
         f"- {training['epochs']} epochs, optimizer {train_config['optimizer']}, peak lr {train_config['lr']}, "
         f"batch {train_config['batch_size']}, on {training['device']} ({training['precision']}), "
         f"{training['train_seconds']} s",

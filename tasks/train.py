@@ -15,7 +15,7 @@ import torch
 
 from kiln.augmentation import build_transform
 from kiln.config import StoreConfig, TrainConfig
-from kiln.dataset import read_info, read_split
+from kiln.dataset import read_info, read_split, stratified_indices
 from kiln.models import ModelSpec, build_model, save_model
 from kiln.preprocess import Preprocessing
 from kiln.stage import Stage
@@ -51,10 +51,15 @@ def train(
         model = build_model(spec)
         transform = build_transform(read_json(store.materialize(policy) / "policy.json"))
         train_images, train_labels = read_split(data_dir, "train")
+        validation = None
+        if config.validation_fraction > 0:
+            fit_indices, held_out = stratified_indices(train_labels, config.validation_fraction, config.seed)
+            validation = (train_images[held_out], train_labels[held_out])
+            train_images, train_labels = train_images[fit_indices], train_labels[fit_indices]
         history = fit(
             model,
             AugmentedImages(train_images, train_labels, transform),
-            read_split(data_dir, "test"),
+            validation,
             prep,
             config,
             runtime,
@@ -73,7 +78,9 @@ def train(
             "epochs": len(history),
             "final_train_loss": last["train_loss"],
             "final_train_accuracy": last["train_accuracy"],
-            "final_test_accuracy": last["test_accuracy"],
+            "final_val_accuracy": last["val_accuracy"],
+            "train_samples": int(len(train_labels)),
+            "validation_samples": 0 if validation is None else int(len(validation[1])),
             "train_seconds": round(sum(row["seconds"] for row in history), 2),
             "notes": list(runtime.notes),
         }
@@ -90,14 +97,14 @@ def train_task(config: TrainConfig, dataset: ArtifactRef, policy: ArtifactRef, s
     def log_epoch(row):
         LOGGER.info(
             f"epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
-            f"train acc {row['train_accuracy']:.3f}, test acc {row['test_accuracy']:.3f}, {row['images_per_s']:.0f} img/s"
+            f"train acc {row['train_accuracy']:.3f}, val acc {row['val_accuracy']}, {row['images_per_s']:.0f} img/s"
         )
 
     ref = train(config, dataset, policy, ArtifactStore(store.root), on_epoch=log_epoch)
     metrics = ArtifactStore(store.root).manifest(ref).metrics
     report(ref, store, "Training", [
         f"- model: `{metrics['model']}` ({metrics['parameters']:,} parameters) on {metrics['device']} ({metrics['precision']})",
-        f"- {metrics['epochs']} epochs in {metrics['train_seconds']} s; final test accuracy {metrics['final_test_accuracy']:.4f}",
+        f"- {metrics['epochs']} epochs in {metrics['train_seconds']} s; final validation accuracy {metrics['final_val_accuracy']}",
     ])  # fmt: skip
     history = pd.read_csv(ArtifactStore(store.root).materialize(ref) / "history.csv")
     report_table("kiln-training-history", history.to_dict(orient="records"), "Per-epoch training history")

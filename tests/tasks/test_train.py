@@ -7,6 +7,7 @@ from kiln.models import MODEL_FAMILIES, ModelSpec, build_model, load_model
 from kiln.training import resolve_runtime
 from tasks.augment import augment
 from tasks.train import train
+from tests.conftest import copy_outputs
 
 
 @pytest.fixture
@@ -26,7 +27,16 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(store, dataset_ref,
     assert model(torch.zeros(2, 3, 8, 8)).shape == (2, 3)
     metrics = store.manifest(ref).metrics
     assert metrics["device"] == "cpu" and metrics["epochs"] == 4
+    # per-epoch monitoring uses a stratified slice of train (3 classes x 24 -> 2 each held out), never the test split
+    assert (metrics["train_samples"], metrics["validation_samples"]) == (66, 6)
+    assert history["val_accuracy"].between(0, 1).all()
     assert not (store.scratch_dir("train", ref.key) / "checkpoint.pt").exists()
+
+
+def test_validation_can_be_switched_off(store, dataset_ref, policy_ref):
+    ref = train(TrainConfig(epochs=1, batch_size=32, validation_fraction=0), dataset_ref, policy_ref, store)
+    assert store.manifest(ref).metrics["train_samples"] == 72
+    assert pd.read_csv(store.materialize(ref) / "history.csv")["val_accuracy"].isna().all()
 
 
 def test_second_run_is_reused(store, dataset_ref, policy_ref):
@@ -36,7 +46,7 @@ def test_second_run_is_reused(store, dataset_ref, policy_ref):
     assert second.reused and second.digest == first.digest
 
 
-def test_resumes_from_the_last_checkpoint(store, dataset_ref, policy_ref, monkeypatch):
+def test_resumes_from_the_last_checkpoint(store, dataset_ref, policy_ref, tmp_path):
     """A run that dies after epoch 2 of 3 resumes at epoch 3 on the next call."""
     config = TrainConfig(epochs=3, batch_size=32)
     seen = []
@@ -52,6 +62,12 @@ def test_resumes_from_the_last_checkpoint(store, dataset_ref, policy_ref, monkey
     ref = train(config, dataset_ref, policy_ref, store, on_epoch=lambda row: resumed.append(row["epoch"]))
     assert seen == [1, 2] and resumed == [3]
     assert list(pd.read_csv(store.materialize(ref) / "history.csv")["epoch"]) == [1, 2, 3]
+    # the resumed run ends with exactly the weights of one that was never interrupted
+    other_store, (other_dataset, other_policy) = copy_outputs(store, [dataset_ref, policy_ref], tmp_path / "other")
+    uninterrupted = train(config, other_dataset, other_policy, other_store)
+    resumed_weights = load_model(store.materialize(ref))[0].state_dict()
+    straight_weights = load_model(other_store.materialize(uninterrupted))[0].state_dict()
+    assert all(torch.equal(resumed_weights[name], straight_weights[name]) for name in straight_weights)
 
 
 def test_gpu_only_options_degrade_on_cpu(monkeypatch):
