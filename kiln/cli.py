@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def _run(args: argparse.Namespace) -> int:
     # kiln runs offline by default; the temporary server's telemetry heartbeat only logs connection errors there.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.training_pipeline import training_pipeline  # imports Prefect and torch: only when running
+
+    _hide_tracebacks_of_user_errors()
     from kiln.store import ArtifactStore
     from tasks.package import bundle_location
 
@@ -89,8 +92,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nBundle:  {bundle}")
     if archive:
         print(f"Archive: {archive}")
-    print(f"Try it:  kiln predict {bundle} IMAGE.png")
+    if ArtifactStore(config.store.root).is_local:
+        print(f"Try it:  kiln predict {bundle} IMAGE.png")
     return 0
+
+
+class _MessageOnlyForKilnErrors(logging.Filter):
+    """A KilnError already says what is wrong and what to do; Prefect would log it with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KilnError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_tracebacks_of_user_errors() -> None:
+    message_only = _MessageOnlyForKilnErrors()
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(message_only)
 
 
 def _predict(args: argparse.Namespace) -> int:

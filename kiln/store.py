@@ -31,7 +31,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
-from kiln.errors import IntegrityError, KilnError
+from kiln.errors import ConfigError, IntegrityError, KilnError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -124,7 +124,10 @@ class ArtifactStore:
 
     def __init__(self, root: str | os.PathLike[str]):
         root_text = str(root)
-        self.fs, path = fsspec.core.url_to_fs(root_text)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(root_text)
+        except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
+            raise ConfigError(f"store.root {root_text!r} cannot be opened: {error}") from None
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(path) if self.is_local else path.rstrip("/")
         self.url = self.root if self.is_local else root_text.rstrip("/")

@@ -57,3 +57,15 @@ def test_imagefolder_cifar10_jpeg_one_epoch(tmp_path):
     with tarfile.open(archive) as bundle:
         names = bundle.getnames()
     assert any(name.endswith("/model.onnx") for name in names)
+
+
+@pytest.mark.slow
+def test_a_bad_data_path_is_one_clear_error_without_tracebacks(tmp_path):
+    env = fresh_env(tmp_path)
+    missing = tmp_path / "no-such-photos"
+    run = subprocess.run([*KILN, "run", "--profile", "imagefolder", "--set", f"data.uri={missing}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 1
+    assert f"kiln: error: data.uri {missing} does not exist" in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    assert not (tmp_path / "artifacts" / "download").exists() or not any((tmp_path / "artifacts" / "download").iterdir())

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kiln.config import AugmentConfig
-from kiln.errors import IntegrityError
+from kiln.errors import ConfigError, IntegrityError
 from kiln.stage import Stage
 from kiln.store import ArtifactStore
 
@@ -36,6 +36,11 @@ def test_publish_then_reuse_then_verify(tmp_path, root_kind):
     assert second.reused and second.key == first.key and second.digest == first.digest
     local = store.materialize(second, cache_dir=tmp_path / "cache")
     assert (local / "nested" / "b.bin").read_bytes() == b"\x00\x01"
+
+
+def test_an_unknown_filesystem_is_a_config_error():
+    with pytest.raises(ConfigError, match="store.root 'nosuchfs://bucket/x' cannot be opened"):
+        ArtifactStore("nosuchfs://bucket/x")
 
 
 def test_key_changes_with_config_and_inputs(store):
