@@ -98,3 +98,24 @@ def test_changing_one_section_recomputes_only_downstream(pipeline_run):
     outputs = training_pipeline(changed)
     recomputed = {name for name, ref in outputs.items() if not ref.reused}
     assert recomputed == {"compress", "package"}
+
+
+def test_kiln_predict_needs_neither_torch_nor_prefect(pipeline_run, tmp_path):
+    """The bundle runtime is onnxruntime + numpy + pillow: predicting must not import the training stack."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    config, outputs = pipeline_run
+    image = tmp_path / "blank.png"
+    Image.new("L", (8, 8), 0).save(image)
+    bundle, _ = bundle_location(outputs["package"], ArtifactStore(config.store.root))
+    probe = (
+        "import sys; from kiln.cli import main; "
+        f"rc = main(['predict', {bundle!r}, {str(image)!r}]); "
+        "print(sorted(name for name in ('torch', 'prefect', 'onnx', 'great_expectations') if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
