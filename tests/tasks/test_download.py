@@ -567,3 +567,10 @@ def test_shared_cifar10_jpeg_archive(store):
     assert dataset.train_images.shape == (50000, 32, 32, 3) and dataset.test_images.shape == (10000, 32, 32, 3)
     assert np.bincount(dataset.test_labels).tolist() == [1000] * 10
     assert skipped_rows(ref) == {}
+
+
+def test_a_single_class_is_refused(store, tmp_path):
+    folder = write_files(tmp_path / "lonely", class_files("", {"cat": 10}, per_class=6))
+    with pytest.raises(DataError, match="class"):
+        download(imagefolder(folder), store)
+    assert list(Path(store.root).glob("download/*")) == []  # nothing published, no staging left behind

@@ -90,3 +90,19 @@ def test_every_model_fits_every_common_shape(name, shape):
 def test_bf16_autocast_trains_on_cpu(store, dataset_ref, policy_ref):
     ref = train(TrainConfig(epochs=1, batch_size=32, precision="bf16"), dataset_ref, policy_ref, store)
     assert store.manifest(ref).metrics["precision"] == "bf16"
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this would have run arbitrary code",))
+
+
+def test_weights_that_are_not_plain_tensors_are_refused(store, dataset_ref, policy_ref, capsys):
+    """A weights.pt replaced by a malicious pickle is never unpickled (weights_only=True)."""
+    from kiln.errors import IntegrityError
+
+    out = store.materialize(train(TrainConfig(epochs=1, batch_size=32), dataset_ref, policy_ref, store))
+    torch.save({"layer.weight": _RunsCodeWhenUnpickled()}, out / "weights.pt")
+    with pytest.raises(IntegrityError, match="not a plain tensor state_dict.*refusing to load it"):
+        load_model(out)
+    assert "arbitrary code" not in capsys.readouterr().out
