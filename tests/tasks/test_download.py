@@ -55,13 +55,16 @@ def class_files(prefix: str, classes: dict[str, int], per_class: int, **image) -
     }
 
 
-def tar_gz(files: dict[str, bytes]) -> bytes:
+def tar_gz(files: dict[str, bytes], extra_members: tuple[tarfile.TarInfo, ...] = ()) -> bytes:
+    """A .tar.gz of regular files, plus hand-made members (links, devices) for the safety tests."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for member in extra_members:
+            tar.addfile(member)
     return buffer.getvalue()
 
 
@@ -283,16 +286,9 @@ def test_unsafe_archive_is_refused_and_nothing_is_published(store, tmp_path, mem
 
 
 def test_archive_with_escaping_symlink_is_refused(store, tmp_path):
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in SPLIT_TREE.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        escape = tarfile.TarInfo("train/cat/passwd.png")
-        escape.type, escape.linkname = tarfile.SYMTYPE, "../../../../etc/passwd"
-        tar.addfile(escape)
-    (tmp_path / "links.tar.gz").write_bytes(buffer.getvalue())
+    escape = tarfile.TarInfo("train/cat/passwd.png")
+    escape.type, escape.linkname = tarfile.SYMTYPE, "../../../../etc/passwd"
+    (tmp_path / "links.tar.gz").write_bytes(tar_gz(SPLIT_TREE, extra_members=(escape,)))
     with pytest.raises(DataError, match="points outside the archive"):
         download(imagefolder(tmp_path / "links.tar.gz"), store)
     assert published_outputs(store) == []
