@@ -18,13 +18,18 @@ from tasks.download import download_task
 from tasks.evaluate import evaluate_task, gate_task
 from tasks.export import export_task
 from tasks.package import package_task
+from tasks.register import register_task
 from tasks.train import train_task
 from tasks.validate import validate_task
 
 
 @flow(name="training-pipeline", flow_run_name="{config.profile}-{config.data.source}", log_prints=False)
 def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
-    """Download → validate → augment → train → evaluate (gate) → export → compress → package."""
+    """Download → validate → augment → train → evaluate (gate) → export → compress → package → register.
+
+    The last step adds the bundle to the model registry and moves `production` to it only if it passed the gate
+    and is not worse than the current production model on this test set (champion/challenger).
+    """
     store = config.store
     dataset = download_task(config.data, store)
     validation = validate_task(config.validation, dataset, store)
@@ -35,6 +40,7 @@ def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Ar
     exported = export_task(config.export, model, dataset, store)
     compressed = compress_task(config.compress, exported, dataset, store)
     bundle = package_task(config.package, dataset, model, evaluation, exported, compressed, store)
+    register_task(config.package, dataset, bundle, evaluation, store)
     return {"download": dataset, "validate": validation, "augment": policy, "train": model, "evaluate": evaluation,
             "export": exported, "compress": compressed, "package": bundle}  # fmt: skip
 

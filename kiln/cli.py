@@ -2,6 +2,8 @@
 
     kiln run [--profile quickstart] [--config FILE] [--set section.key=value ...]
     kiln predict BUNDLE IMAGE [IMAGE ...]
+    kiln serve BUNDLE [--host 127.0.0.1] [--port 8080]
+    kiln registry list|show|promote|rollback ...
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from kiln.config import PROFILE_NAMES
 from kiln.errors import ConfigError, KilnError
+from kiln.registry_cli import add_registry_parser, run_registry
+from kiln.runtime.options import add_server_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
     predict.add_argument("images", type=Path, nargs="+", help="image files (PNG, JPEG, ...)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a bundle over HTTP (POST /v1/predict, GET /v1/metadata, GET /healthz)",
+        description="Verify a bundle against its manifest, then serve it with FastAPI on uvicorn. Needs neither "
+        "torch nor Prefect; inside a bundle, `python -m kiln_runtime.server .` does the same without kiln.",
+    )
+    serve.add_argument("bundle", type=Path, help="bundle folder or .tar.gz")
+    add_server_arguments(serve)
+
+    add_registry_parser(commands)
     return parser
 
 
@@ -60,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "registry":
+            return run_registry(args)
         return _predict(args)
     except KilnError as error:
         print(f"kiln: error: {error}", file=sys.stderr)
@@ -94,7 +113,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"Archive: {archive}")
     if ArtifactStore(config.store.root).is_local:
         print(f"Try it:  kiln predict {bundle} IMAGE.png")
+        print(f"Serve:   kiln serve {bundle} --port 8080")
+    if config.package.registry:
+        version = ArtifactStore(config.store.root).manifest(outputs["package"]).metrics["version"]
+        print(f"Registry: {_registry_status(config, version)}")
     return 0
+
+
+def _registry_status(config, version: str) -> str:
+    """Which aliases point at `version` after the run, and the reason recorded when the alias moved there."""
+    from kiln.registry import ModelRegistry, registry_root
+    from kiln.store import ArtifactStore
+
+    registry = ModelRegistry(registry_root(ArtifactStore(config.store.root)))
+    name = config.package.model_name
+    aliases = [alias for alias, target in registry.aliases(name).items() if target == version]
+    moves = [move for move in registry.history(name) if move.get("to") == version]
+    reason = f" ({moves[-1]['reason']})" if moves else ""
+    return f"{name} {version} is {' and '.join(aliases) or 'registered without an alias'}{reason}"
 
 
 class _MessageOnlyForKilnErrors(logging.Filter):
@@ -126,6 +162,14 @@ def _predict(args: argparse.Namespace) -> int:
             print(json.dumps(prediction.__dict__))
         else:
             print(f"{prediction.source}\t{prediction.label}\t{prediction.probability:.4f}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kiln.runtime.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    serve(str(args.bundle), args)
     return 0
 
 

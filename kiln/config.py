@@ -127,6 +127,14 @@ class PackageConfig(Section):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", description="None: derived from content",
     )
     archive: bool = Field(True, description="also write bundle.tar.gz")
+    triton_max_batch: int = Field(64, ge=1, le=4096, description="max_batch_size of the bundle's Triton config")
+    registry: bool = Field(True, description="add the bundle to the model registry under <store.root>/registry")
+    max_regression: float = Field(
+        0.005, ge=0, le=1,
+        description="promote to production only if test accuracy is at most this below production's (0.005 = 0.5 pt)",
+    )
+
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"registry", "max_regression"})
 
 
 class StoreConfig(Section):

@@ -1,8 +1,12 @@
-"""One exception family per kind of failure; every message names the problem and the fix."""
+"""One exception family per kind of failure; every message names the problem and the fix.
 
+The three a deployment bundle can raise at run time are defined in kiln.runtime.errors, which bundles ship.
+"""
 
-class KilnError(Exception):
-    """A problem the user can act on. The message says what is wrong and what to do."""
+from kiln.runtime.errors import BundleError, IntegrityError, KilnError
+
+__all__ = ["BundleError", "ConfigError", "DataError", "DownloadError", "ExportError", "GateFailed", "IntegrityError",
+           "KilnError", "ValidationFailed"]  # fmt: skip
 
 
 class ConfigError(KilnError):
@@ -17,10 +21,6 @@ class DownloadError(KilnError):
     """A transient network failure while downloading; the download task retries on this type only."""
 
 
-class IntegrityError(KilnError):
-    """A persisted file does not match the sha256 its manifest recorded (corrupted or tampered)."""
-
-
 class ValidationFailed(KilnError):
     """Data validation (Great Expectations) found failed expectations."""
 
@@ -31,7 +31,3 @@ class GateFailed(KilnError):
 
 class ExportError(KilnError):
     """An exported or compressed model failed its own checks (checker, parity, re-evaluation)."""
-
-
-class BundleError(KilnError):
-    """A deployment bundle is missing files, malformed or fails its manifest checks."""

@@ -1,6 +1,6 @@
 """The torch side of ONNX: wrap a classifier so it outputs probabilities, and export it with a dynamic batch axis.
 
-The exported graph takes `input` float32 [N, C, H, W] (normalized, see kiln.preprocess) and returns
+The exported graph takes `input` float32 [N, C, H, W] (normalized, see kiln.runtime.preprocess) and returns
 `probabilities` float32 [N, classes]. kiln.onnx_tools runs it without torch.
 """
 
@@ -17,7 +17,7 @@ from torch import nn
 
 from kiln.errors import ExportError
 from kiln.onnx_tools import INPUT_NAME, OUTPUT_NAME
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 
 EXAMPLE_BATCH = 2  # torch.export specializes sizes 0 and 1, so a dynamic axis needs an example of at least 2
 BATCH_AXIS = "batch"  # the symbolic name of the input's and output's first dimension

@@ -32,6 +32,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
 from kiln.errors import ConfigError, IntegrityError, KilnError
+from kiln.runtime.checksums import sha256_file
+from kiln.runtime.checksums import verify_files as verify_checksums
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -77,14 +79,6 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     created_at: str
     duration_s: float
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 REPORT_DIR = "report"  # files under <output>/report/ are for people (previews, plots): checksummed, not in the digest
@@ -275,17 +269,10 @@ class ArtifactStore:
 
 
 def verify_files(directory: Path, files: list[FileEntry]) -> None:
-    """Check every listed file's size and sha256; raise IntegrityError naming the first that differs."""
-    for entry in files:
-        path = directory / entry.path
-        if not path.is_file():
-            raise IntegrityError(f"{path} is missing from its stage output; delete {directory} and re-run")
-        actual = sha256_file(path)
-        if actual != entry.sha256:
-            raise IntegrityError(
-                f"{path} is corrupted: sha256 {actual[:12]}… differs from the manifest's {entry.sha256[:12]}…; "
-                f"delete {directory} so the stage is recomputed"
-            )
+    """Check every listed file's sha256; raise IntegrityError naming the first missing or differing file."""
+    verify_checksums(
+        directory, [(entry.path, entry.sha256) for entry in files], f"delete {directory} so the stage is recomputed"
+    )
 
 
 def read_json(path: Path) -> Any:

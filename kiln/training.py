@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import TrainConfig
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 
 EpochCallback = Callable[[dict[str, Any]], None]
 

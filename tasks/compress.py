@@ -33,7 +33,7 @@ from kiln.onnx_tools import (
     run_onnx,
     top1_agreement,
 )
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from tasks._task import report, report_table, stage_task

@@ -20,7 +20,7 @@ from kiln.errors import GateFailed
 from kiln.imaging import save_confusion_matrix
 from kiln.metrics import accuracy, confusion_matrix, per_class_table
 from kiln.models import load_model
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from kiln.training import predict_probabilities, resolve_runtime

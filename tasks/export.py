@@ -24,7 +24,7 @@ from kiln.errors import ExportError
 from kiln.models import load_model
 from kiln.onnx_export import EXAMPLE_BATCH, export_onnx, torch_probabilities
 from kiln.onnx_tools import INPUT_NAME, OUTPUT_NAME, check_onnx_file, ort_session, run_onnx, top1_agreement
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from tasks._task import report, stage_task

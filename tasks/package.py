@@ -1,4 +1,4 @@
-"""Stage 8, package: a self-contained deployment bundle and its .tar.gz (layout in kiln/bundle.py).
+"""Stage 8, package: a self-contained deployment bundle and its .tar.gz (layout in kiln/runtime/bundle.py).
 
 Inputs: the dataset (class names), the trained model (architecture, training metrics), the evaluation, the ONNX
 export and the compression report (which variant ships and why).
@@ -10,19 +10,33 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from kiln.bundle import archive_bundle, load_bundle, write_bundle_manifest
 from kiln.config import PackageConfig, StoreConfig
-from kiln.dataset import read_info
+from kiln.dataset import read_info, read_split
+from kiln.deploy_files import write_runtime
+from kiln.errors import BundleError
+from kiln.onnx_graph import add_image_preprocessing, expose_model_input
+from kiln.onnx_tools import ort_session, run_onnx
+from kiln.runtime.bundle import RAW_MODEL_FILE, TENSOR_MODEL_FILE
+from kiln.runtime.onnx_runtime import RAW_INPUT_NAME
+from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
+from kiln.triton import write_triton_repository
 from tasks._task import report, stage_task
 from tasks.compress import REPORT_FILE, SELECTION_FILE
 from tasks.export import MODEL_FILE as FP32_FILE
 from tasks.export import PARITY_FILE, PREPROCESS_FILE
 
 STAGE = Stage("package", __name__)
+TRITON_DIR = "triton"
+# The raw-image graph repeats numpy's float32 preprocessing op for op; only operator fusion may differ.
+RAW_INPUT_ATOL = 1e-6
+RAW_PARITY_ATOL = 1e-5
+PARITY_CHUNK = 1024
 
 
 def package(
@@ -43,12 +57,14 @@ def package(
         dirs = {name: store.materialize(ref) for name, ref in inputs.items()}
         selection = read_json(dirs["compressed"] / SELECTION_FILE)
         chosen_dir = dirs["exported"] if selection["stage"] == "export" else dirs["compressed"]
+        info = read_info(dirs["dataset"])
+        prep = Preprocessing.from_json(read_json(dirs["exported"] / PREPROCESS_FILE))
         bundle_dir = out_dir / f"{config.model_name}-{version}"
         bundle_dir.mkdir()
-        shutil.copyfile(dirs["exported"] / FP32_FILE, bundle_dir / "model.fp32.onnx")
-        shutil.copyfile(chosen_dir / selection["file"], bundle_dir / "model.onnx")
+        shutil.copyfile(dirs["exported"] / FP32_FILE, bundle_dir / TENSOR_MODEL_FILE)
+        add_image_preprocessing(chosen_dir / selection["file"], prep, bundle_dir / RAW_MODEL_FILE, info.classes)
+        raw_parity = check_raw_model(bundle_dir / RAW_MODEL_FILE, chosen_dir / selection["file"], prep, dirs["dataset"])
         shutil.copyfile(dirs["exported"] / PREPROCESS_FILE, bundle_dir / "preprocess.json")
-        info = read_info(dirs["dataset"])
         write_json(bundle_dir / "labels.json", info.classes)
         evaluation_metrics = read_json(dirs["evaluation"] / "metrics.json")
         compression = pd.read_csv(dirs["compressed"] / REPORT_FILE)
@@ -57,9 +73,14 @@ def package(
             "compression": compression.to_dict(orient="records"),
             "chosen_variant": selection["chosen"],
             "selection_reason": selection["reason"],
+            "raw_input_parity": raw_parity,
         }
         write_json(bundle_dir / "metrics.json", metrics)
         write_json(bundle_dir / "provenance.json", provenance(store, inputs))
+        write_triton_repository(
+            bundle_dir / TRITON_DIR, config.model_name, bundle_dir / RAW_MODEL_FILE, info.classes, config.triton_max_batch
+        )
+        write_runtime(bundle_dir, image_name=f"{config.model_name}:{version}")
         card = model_card(config, version, info, store.manifest(model), dirs, metrics)
         (bundle_dir / "model_card.md").write_text(card)
         write_bundle_manifest(
@@ -75,9 +96,41 @@ def package(
             "chosen_variant": selection["chosen"],
             "accuracy": evaluation_metrics["accuracy"],
             "blessed": evaluation_metrics["blessed"],
+            "raw_input_max_abs_diff": raw_parity["max_abs_diff"],
         }
 
     return STAGE.produce(store, config, inputs, build)
+
+
+def check_raw_model(raw_path: Path, tensor_path: Path, prep: Preprocessing, dataset_dir: Path) -> dict[str, Any]:
+    """Run the raw-image model and the tensor-in model it wraps on every test image. Raise BundleError unless the
+    raw model's front end computes numpy's preprocessing (within RAW_INPUT_ATOL), both give the same probabilities
+    (within RAW_PARITY_ATOL), and class_index is their arg-max everywhere."""
+    images, _ = read_split(dataset_dir, "test")
+    raw_session = ort_session(expose_model_input(raw_path))
+    tensor_session = ort_session(tensor_path)
+    input_diff, probability_diff, disagreements = 0.0, 0.0, 0
+    for start in range(0, len(images), PARITY_CHUNK):
+        chunk = images[start : start + PARITY_CHUNK]
+        probabilities, class_index, model_input = raw_session.run(None, {RAW_INPUT_NAME: chunk})
+        expected_input = prep.normalize(chunk)
+        reference = run_onnx(tensor_session, expected_input)
+        input_diff = max(input_diff, float(np.abs(model_input - expected_input).max()))
+        probability_diff = max(probability_diff, float(np.abs(probabilities - reference).max()))
+        disagreements += int((class_index != reference.argmax(axis=1)).sum())
+    if not (input_diff <= RAW_INPUT_ATOL and probability_diff <= RAW_PARITY_ATOL) or disagreements:
+        raise BundleError(
+            f"{raw_path.name} (preprocessing inside the graph) differs from {tensor_path.name} on the test set: "
+            f"model input max |Δ| {input_diff:.3g} (allowed {RAW_INPUT_ATOL}), probabilities max |Δ| "
+            f"{probability_diff:.3g} (allowed {RAW_PARITY_ATOL}), {disagreements} top-1 disagreements; nothing was "
+            "published. This is a kiln bug: please report it with the model's preprocess.json"
+        )
+    return {
+        "samples": len(images),
+        "max_input_abs_diff": input_diff,
+        "max_abs_diff": probability_diff,
+        "class_index_disagreements": disagreements,
+    }
 
 
 def provenance(store: ArtifactStore, inputs: dict[str, ArtifactRef]) -> dict[str, Any]:
@@ -158,11 +211,22 @@ def model_card(
         _markdown_table(compression),
         "",
         "## Use",
+        f"`model.onnx` takes raw images: `image` uint8 [N, {info.image_shape[0]}, {info.image_shape[1]}, "
+        f"{info.image_shape[2]}] (NHWC) and returns `probabilities` float32 [N, {info.num_classes}] and `class_index` "
+        "int64 [N]; scaling and normalization happen inside the graph. `model.fp32.onnx` takes the normalized "
+        "float32 NCHW tensor described in `preprocess.json`. Class names are in `labels.json` and in the ONNX "
+        "metadata (`classes`).",
+        "",
         "```",
-        f"kiln predict {config.model_name}-{version} image1.png image2.jpg",
+        f"kiln predict {config.model_name}-{version} image1.png image2.jpg     # command line",
+        f"kiln serve {config.model_name}-{version} --port 8080                 # HTTP, where kiln is installed",
+        "python -m kiln_runtime.server . --port 8080                        # HTTP, inside this folder, no kiln",
+        f"docker build -t {config.model_name}:{version} . && docker run -p 8080:8080 {config.model_name}:{version}",
+        "curl -F image=@photo.jpg http://127.0.0.1:8080/v1/predict",
         "```",
-        "Needs only onnxruntime, numpy and pillow. `manifest.json` lists every file's sha256; the predictor "
-        "verifies them before loading the model.",
+        "The server needs only the packages in `requirements.txt`. `triton/` is a Triton Inference Server model "
+        "repository for the same raw-image model (`tritonserver --model-repository=triton`). `manifest.json` lists "
+        "every file's sha256; the predictor and the server verify them before loading the model.",
         "",
         "## Limitations",
         "- Measured on the test split above only; accuracy on images unlike the training data (other sizes, "

@@ -17,7 +17,7 @@ from kiln.augmentation import build_transform
 from kiln.config import StoreConfig, TrainConfig
 from kiln.dataset import read_info, read_split, stratified_indices
 from kiln.models import ModelSpec, build_model, save_model
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from kiln.training import AugmentedImages, EpochCallback, fit, resolve_runtime

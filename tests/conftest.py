@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def publish_dataset(store: ArtifactStore, dataset: ImageDataset) -> ArtifactRef:
 def publish_model(store: ArtifactStore, dataset_ref: ArtifactRef, model_name: str = "simple_cnn", steps: int = 60):
     """Fit `model_name` briefly on the published dataset with plain torch and publish it as a train output."""
     from kiln.dataset import read_dataset, read_info
-    from kiln.preprocess import Preprocessing
+    from kiln.runtime.preprocess import Preprocessing
 
     directory = store.materialize(dataset_ref)
     dataset, info = read_dataset(directory), read_info(directory)
@@ -70,17 +71,30 @@ def publish_model(store: ArtifactStore, dataset_ref: ArtifactRef, model_name: st
     labels = torch.from_numpy(dataset.train_labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
+    started = time.perf_counter()
     for _ in range(steps):
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
     model.eval()
     stage = Stage("train", "kiln.models")
+    metrics = {  # the train stage's metrics that later stages (the model card) read
+        "model": model_name,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "device": "cpu",
+        "precision": "fp32",
+        "epochs": steps,  # full-batch steps
+        "final_train_loss": loss.item(),
+        "train_samples": int(len(labels)),
+        "validation_samples": 0,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
 
     def build(out_dir: Path):
         save_model(model, spec, out_dir)
-        (out_dir / "preprocess.json").write_text(__import__("json").dumps(prep.to_json()))
-        return {}
+        (out_dir / "preprocess.json").write_text(json.dumps(prep.to_json()))
+        return metrics
 
     return stage.produce(store, TrainConfig(model=model_name), {"dataset": dataset_ref}, build)
 

@@ -25,7 +25,8 @@ from kiln.errors import DataError
 from kiln.sources import SourceData
 from kiln.sources.archives import ARCHIVE_HINT, open_archive
 from kiln.sources.http import fetch, is_url
-from kiln.decoding import decode_images, to_channels
+from kiln.decoding import decode_images
+from kiln.runtime.images import to_channels
 
 TRAIN_FOLDER_NAMES = ("train", "training")
 TEST_FOLDER_NAMES = ("test", "testing", "validation", "val", "valid")  # the first one present is used

@@ -13,7 +13,7 @@ import tasks.compress
 from kiln.config import CompressConfig, ExportConfig, StoreConfig
 from kiln.dataset import read_split
 from kiln.onnx_tools import ort_session, run_onnx
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.store import ArtifactStore, read_json
 from tasks.compress import (
     INT8_FILE,

@@ -17,7 +17,7 @@ from kiln.errors import ExportError
 from kiln.models import load_model
 from kiln.onnx_export import torch_probabilities
 from kiln.onnx_tools import ort_session, run_onnx
-from kiln.preprocess import Preprocessing
+from kiln.runtime.preprocess import Preprocessing
 from kiln.store import ArtifactStore
 from tasks.export import MODEL_FILE, PARITY_FILE, PREPROCESS_FILE, STAGE, export
 from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model

@@ -1,12 +1,11 @@
-"""How raw uint8 images become model input. Shared by training, evaluation, export and the bundle's predictor.
+"""How raw uint8 images become the tensor-in model's input: shared by training, evaluation, export and the bundle.
 
-No torch here: the bundle's `kiln predict` path must run with numpy + pillow + onnxruntime alone.
+The bundle's raw-image model computes the same steps inside its ONNX graph (kiln.onnx_graph).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,16 +47,3 @@ class Preprocessing:
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         return np.ascontiguousarray(((scaled - mean) / std).transpose(0, 3, 1, 2))
-
-    def load_image(self, path: Path) -> np.ndarray:
-        """Read an image file as uint8 [H, W, C] at this size and channel count, decoded exactly as the download
-        stage decodes training images. Raises ValueError naming the file if it is not a readable image."""
-        from kiln.decoding import decode_image, resize, to_channels
-
-        pixels = decode_image(Path(path), None)
-        if isinstance(pixels, str):
-            raise ValueError(f"{path}: {pixels}")
-        pixels = to_channels(pixels, self.channels)
-        if pixels.shape[:2] != (self.height, self.width):
-            pixels = resize(pixels, (self.height, self.width))
-        return pixels
