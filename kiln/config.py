@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import fsspec.utils
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -197,6 +198,12 @@ def _check_cross_section(config: PipelineConfig) -> None:
         raise ConfigError(
             "data.uri is required when data.source is imagefolder: "
             "pass --set data.uri=PATH_OR_URL (a folder, .tar.gz/.zip archive or http(s) URL)"
+        )
+    # Caught here rather than at the registry step, after a whole training run.
+    if config.package.registry and fsspec.utils.get_protocol(config.store.root) not in ("file", "local"):
+        raise ConfigError(
+            f"the model registry needs a local store.root, but it is {config.store.root!r}: set store.root to a "
+            "local path or turn the registry off with --set package.registry=false"
         )
 
 

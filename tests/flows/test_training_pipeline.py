@@ -59,6 +59,19 @@ def test_quickstart_produces_a_verified_bundle(pipeline_run):
     assert bundle.manifest["chosen_variant"] in ("int8", "fp32")
 
 
+def test_the_first_run_registers_its_bundle_as_production(pipeline_run):
+    from kiln.registry import ModelRegistry, registry_root
+
+    config, outputs = pipeline_run
+    store = ArtifactStore(config.store.root)
+    version = store.manifest(outputs["package"]).metrics["version"]
+    registry = ModelRegistry(registry_root(store))
+    production = registry.get(config.package.model_name, "production")
+    assert production.version == version
+    assert load_bundle(production.path).version == version
+    assert [move["to"] for move in registry.history(config.package.model_name)] == [version]
+
+
 def test_kiln_predict_agrees_with_the_pipelines_own_evaluation(pipeline_run, tmp_path, capsys):
     from PIL import Image
 

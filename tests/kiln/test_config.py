@@ -97,3 +97,9 @@ def test_config_round_trips_through_json_with_the_validate_alias():
     assert "validate" in dumped and "validation" not in dumped
     assert PipelineConfig.model_validate(dumped) == config
     assert "validate" in PipelineConfig.model_json_schema()["properties"]
+
+
+def test_the_registry_with_a_remote_store_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="registry needs a local store.root.*package.registry=false"):
+        load_config("quickstart", None, ["store.root=memory://somewhere"])
+    assert load_config("quickstart", None, ["store.root=memory://somewhere", "package.registry=false"])
