@@ -18,7 +18,9 @@ RUNTIME_PACKAGE = "kiln_runtime"
 SERVER_MODULE = f"{RUNTIME_PACKAGE}.server"
 SERVING_PORT = 8080
 # The runtime's third-party imports, by distribution name (checked against its source by a test).
-RUNTIME_DISTRIBUTIONS = ("numpy", "pillow", "onnxruntime", "fastapi", "starlette", "uvicorn", "python-multipart")
+RUNTIME_DISTRIBUTIONS = (
+    "numpy", "pillow", "onnxruntime", "fastapi", "starlette", "anyio", "uvicorn", "python-multipart",
+)  # fmt: skip
 
 DOCKERFILE = """\
 # Serve this bundle over HTTP:

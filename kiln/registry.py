@@ -48,6 +48,10 @@ ACCURACY_EPSILON = 1e-9  # accuracies are k/n fractions: float rounding must not
 Alias = Literal["production", "staging"]
 
 
+class AliasConflict(KilnError):
+    """An alias moved between reading it and a move that depended on it (another run promoted meanwhile)."""
+
+
 def registry_root(store: ArtifactStore) -> Path:
     """`<store.root>/registry` for a local store. Raises ConfigError for a remote one (flock needs a local disk)."""
     if not store.is_local:
@@ -160,6 +164,7 @@ class ModelRegistry:
             return self._existing(model_name, version, bundle_dir)
         # Built beside its final place, then renamed: readers see a whole version or none.
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=versions_dir))
+        work.chmod(0o755)  # mkdtemp makes it private; registered versions are read by whoever serves them
         try:
             shutil.copytree(bundle_dir, work / BUNDLE_DIR)
             load_bundle(work / BUNDLE_DIR)  # the copy itself must verify and load before it is registered
@@ -192,11 +197,28 @@ class ModelRegistry:
 
     # --- moving aliases ---------------------------------------------------------------------------------------
     def set_alias(
-        self, model_name: str, alias: str, version: str, reason: str, actor: str = "kiln"
+        self,
+        model_name: str,
+        alias: str,
+        version: str,
+        reason: str,
+        actor: str = "kiln",
+        expect: Mapping[str, str | None] | None = None,
     ) -> ModelVersion:
-        """Point `alias` at `version` and log the move in history.jsonl; no-op when it already points there."""
+        """Point `alias` at `version` and log the move in history.jsonl; no-op when it already points there.
+
+        `expect` makes the move conditional ({alias: version or None}, checked under the lock): a decision taken
+        against a production version that another run has moved since raises AliasConflict instead of landing.
+        """
         _check_alias(alias)
         with self._locked(model_name):
+            current = self.aliases(model_name)
+            moved = {name: current.get(name) for name, wanted in (expect or {}).items() if current.get(name) != wanted}
+            if moved:
+                raise AliasConflict(
+                    f"{model_name}: {', '.join(f'{name} is now {value}' for name, value in moved.items())}, not "
+                    f"what the decision to move {alias} to {version} was based on; decide again"
+                )
             target = self.get(model_name, version)  # by version or by another alias (e.g. promote staging)
             self._move(model_name, alias, target.version, reason, actor)
         return self.get(model_name, target.version)
@@ -361,6 +383,7 @@ def _write_json_atomically(path: Path, value: Any) -> None:
             handle.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o644)  # NamedTemporaryFile makes it private; aliases are read by deployments
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

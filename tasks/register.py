@@ -22,12 +22,20 @@ from kiln.bundle import Bundle, load_bundle
 from kiln.config import PackageConfig, StoreConfig
 from kiln.dataset import read_info, read_split
 from kiln.errors import DataError, KilnError
-from kiln.registry import ChampionResult, Decision, ModelRegistry, decide_promotion, registry_root
+from kiln.registry import (
+    AliasConflict,
+    ChampionResult,
+    Decision,
+    ModelRegistry,
+    decide_promotion,
+    registry_root,
+)
 from kiln.store import ArtifactRef, ArtifactStore, read_json
 from tasks._task import forward_kiln_logs, in_prefect_run
 
 LOGGER = logging.getLogger("kiln")
 EVAL_CHUNK = 1024  # test images scored at a time, to bound memory on large test sets
+DECISION_ATTEMPTS = 3  # re-decisions when a concurrent run moves production in between
 
 
 def register(
@@ -51,7 +59,6 @@ def register(
     blessed = bool(evaluation_metrics["blessed"])
 
     challenger_accuracy = bundle_accuracy(load_bundle(bundle_dir), images, labels)
-    champion = score_champion(registry, config.model_name, classes, images, labels)
     registration = {
         "metrics": {"test_accuracy": challenger_accuracy, "test_samples": int(len(labels)),
                     "evaluation": evaluation_metrics},
@@ -61,12 +68,27 @@ def register(
     }  # fmt: skip
     registry.register(config.model_name, version, bundle_dir, registration)
 
-    if champion is not None and champion.version == version:
-        # A re-run of the same content: comparing the version with itself would only log a pointless move.
-        decision = Decision("production", f"version {version} is already production")
+    for _attempt in range(DECISION_ATTEMPTS):
+        champion = score_champion(registry, config.model_name, classes, images, labels)
+        if champion is not None and champion.version == version:
+            # A re-run of the same content: comparing the version with itself would only log a pointless move.
+            decision = Decision("production", f"version {version} is already production")
+        else:
+            decision = decide_promotion(challenger_accuracy, blessed, champion, config.max_regression)
+        try:
+            # Conditional on production being the champion just scored: a concurrent run that promoted meanwhile
+            # makes this run compare again instead of overwriting a better model.
+            registry.set_alias(config.model_name, decision.alias, version, decision.reason, actor="kiln pipeline",
+                               expect={"production": champion.version if champion else None})  # fmt: skip
+            break
+        except AliasConflict as conflict:
+            LOGGER.info(f"registry: {conflict}")
     else:
-        decision = decide_promotion(challenger_accuracy, blessed, champion, config.max_regression)
-    registry.set_alias(config.model_name, decision.alias, version, decision.reason, actor="kiln pipeline")
+        raise KilnError(
+            f"production of {config.model_name} kept moving while this run compared against it "
+            f"({DECISION_ATTEMPTS} tries); version {version} is registered without an alias: promote it with "
+            f"`kiln registry promote {config.model_name} {version}` if it should be"
+        )
     LOGGER.info(f"registry: {config.model_name} {version} -> {decision.alias}: {decision.reason}")
     return _decision_dict(config.model_name, version, decision.alias, decision.reason, challenger_accuracy, champion)
 

@@ -127,7 +127,18 @@ def load_bundle(path: str | Path, extract_to: Path | None = None, variant: str =
     if path.is_file():
         path = _extract(path, extract_to or Path(tempfile.mkdtemp(prefix="kiln-bundle-")))
     manifest = read_manifest(path)
+    listed = {entry["path"] for entry in manifest["files"]}
+    # Python writes __pycache__ when the bundle's own runtime runs from inside it; nothing else may be added.
+    unlisted = sorted(
+        relative for relative in (item.relative_to(path).as_posix() for item in path.rglob("*") if item.is_file())
+        if relative not in listed and relative != MANIFEST_FILE and "__pycache__" not in relative.split("/")
+    )  # fmt: skip
     try:
+        if unlisted:
+            raise IntegrityError(
+                f"{path} holds files its manifest does not list: {', '.join(unlisted[:5])}; remove them or re-create "
+                "the bundle"
+            )
         verify_files(path, [(entry["path"], entry["sha256"]) for entry in manifest["files"]], "re-create the bundle")
     except IntegrityError as error:
         raise IntegrityError(f"bundle verification failed, refusing to load it: {error}") from None
@@ -143,8 +154,16 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
         listed = {entry["path"] for entry in manifest["files"]}
         schema = manifest.get("schema_version")
-    except (ValueError, KeyError, TypeError) as error:
+        fields_ok = all(isinstance(manifest.get(name), str) for name in ("model_name", "version")) and all(
+            isinstance(entry.get("path"), str) and isinstance(entry.get("sha256"), str) for entry in manifest["files"]
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BundleError(f"{manifest_path} is malformed ({error}); re-create the bundle with `kiln run`") from None
+    if not fields_ok:
+        raise BundleError(
+            f"{manifest_path} is malformed (model_name, version and every file's path and sha256 must be strings); "
+            "re-create the bundle with `kiln run`"
+        )
     if schema != SCHEMA_VERSION:
         raise BundleError(
             f"{directory} is a bundle of schema version {schema}, this runtime reads version {SCHEMA_VERSION}; "

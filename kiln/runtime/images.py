@@ -15,6 +15,11 @@ from PIL import Image, ImageOps
 
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+# The formats kiln decodes. Pillow knows many more, some of which run external programs (EPS calls Ghostscript) or
+# are rarely seen outside labs; a file in any other format is reported as unsupported. (Phone-camera multi-picture
+# JPEGs open through the JPEG plugin too.)
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+Image.init()  # registers every plugin: Image.open(formats=...) looks formats up without loading them itself
 # What Pillow raises for files that are not images or are damaged (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
@@ -34,7 +39,7 @@ def open_image(source: Path | bytes, max_pixels: int | None = None) -> np.ndarra
     unpacks to a huge image costs nothing. Raises ImageTooLarge or UnreadableImage.
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(
@@ -99,7 +104,7 @@ def _to_uint8(image: Image.Image) -> np.ndarray:
 def _reason(error: Exception) -> str:
     message = str(error).strip() or error.__class__.__name__
     if message.startswith("cannot identify image file"):
-        return "not an image (Pillow cannot identify its format)"
+        return f"not an image in a supported format ({', '.join(FORMATS)})"
     if isinstance(error, OSError) and error.errno is not None:  # from the file system, not from decoding
         return f"cannot be read ({error.__class__.__name__}: {error.strerror})"
     return f"corrupt or truncated image ({error.__class__.__name__}: {message})"

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from .bundle import VARIANTS
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request, and the server as a whole, may use. Peak memory is about max_upload_bytes + max_pixels x 3
+    bytes per worker, plus the model."""
+
     max_upload_bytes: int = 16 * 1024**2  # whole request body
     max_batch: int = 64  # images per request
     max_pixels: int = 25_000_000  # per image, checked from its header before decoding
+    # Requests decoded and classified at once (each holds at most one full-size decoded image); the rest wait.
+    max_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    max_connections: int = 128  # uvicorn answers 503 past this many open connections
 
 
 
@@ -25,4 +32,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-bytes", type=int, default=defaults.max_upload_bytes)
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="images per request")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per image")
+    parser.add_argument("--max-workers", type=int, default=defaults.max_workers,
+                        help="requests decoded and classified at once (default: CPU count)")  # fmt: skip
+    parser.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                        help="open connections before the server answers 503")  # fmt: skip
     parser.add_argument("--no-access-log", action="store_true", help="don't log every request (for load tests)")

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import json
 import logging
 import sys
 from dataclasses import asdict
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -68,10 +68,15 @@ def create_app(bundle: Bundle, limits: Limits = Limits()) -> FastAPI:
     def metadata() -> dict[str, Any]:
         return describe(bundle, limits)
 
+    workers = anyio.CapacityLimiter(limits.max_workers)
+
     @app.post("/v1/predict")
     async def predict(request: Request, top_k: int = Query(1, ge=1, le=len(bundle.labels))) -> dict[str, Any]:
-        images, sources = await _read_images(request, limits)
-        predictions = await run_in_threadpool(bundle.predict_images, images, sources, top_k)
+        media_type, payload = await _read_payload(request, limits)
+        # Parsing, decoding and inference run in worker threads: the event loop keeps answering /healthz.
+        predictions = await anyio.to_thread.run_sync(
+            _classify, bundle, media_type, payload, limits, top_k, limiter=workers
+        )
         return {
             "model": bundle.name,
             "version": bundle.version,
@@ -107,34 +112,43 @@ def describe(bundle: Bundle, limits: Limits) -> dict[str, Any]:
     }
 
 
-async def _read_images(request: Request, limits: Limits) -> tuple[list[np.ndarray], list[str]]:
+async def _read_payload(request: Request, limits: Limits) -> tuple[str, Any]:
+    """The request's media type and its raw content: the JSON body's bytes, or the uploaded (name, bytes) files."""
     body = await request.body()
     if not body:
         raise RequestRejected(400, "empty_body", "the request body is empty; send image files or JSON instances")
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
-        named_files = await _uploaded_files(request, limits)
-        images = [_decode_file(name, data, limits) for name, data in named_files]
-        sources = [name for name, _ in named_files]
-    elif media_type == "application/json":
-        instances = _json_instances(body)
-        _check_batch(len(instances), limits)
-        images = [_decode_instance(index, instance, limits) for index, instance in enumerate(instances)]
-        sources = [f"instances[{index}]" for index in range(len(instances))]
+        return media_type, await _uploaded_files(request, limits)
+    if media_type == "application/json":
+        return media_type, body
+    raise RequestRejected(
+        415, "unsupported_media_type",
+        f"Content-Type {media_type or '(none)'} is not supported; send multipart/form-data with image files or "
+        "application/json with {\"instances\": [...]}",
+    )  # fmt: skip
+
+
+def _classify(bundle: Bundle, media_type: str, payload: Any, limits: Limits, top_k: int) -> list[Any]:
+    """Decode every image, shrink it to the model's input at once (so a request holds one full-size image at a
+    time), and classify the batch. Runs in a worker thread."""
+    if media_type == "multipart/form-data":
+        sources = [name for name, _ in payload]
+        images = [bundle.fit(_decode_file(name, data, limits)) for name, data in payload]
     else:
-        raise RequestRejected(
-            415, "unsupported_media_type",
-            f"Content-Type {media_type or '(none)'} is not supported; send multipart/form-data with image files or "
-            "application/json with {\"instances\": [...]}",
-        )  # fmt: skip
+        instances = _json_instances(payload)
+        _check_batch(len(instances), limits)
+        sources = [f"instances[{index}]" for index in range(len(instances))]
+        images = [bundle.fit(_decode_instance(index, item, limits)) for index, item in enumerate(instances)]
     if not images:
         raise RequestRejected(400, "no_images", "the request holds no images; attach at least one image file")
-    return images, sources
+    return bundle.predict_images(images, sources, top_k)
 
 
 async def _uploaded_files(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
+    # One file more than the batch limit reaches _check_batch, which answers 413 like the JSON path.
     form = await request.form(
-        max_files=limits.max_batch, max_fields=limits.max_batch, max_part_size=limits.max_upload_bytes
+        max_files=limits.max_batch + 1, max_fields=limits.max_batch + 1, max_part_size=limits.max_upload_bytes
     )
     files = [(value.filename or key, await value.read()) for key, value in form.multi_items()
              if isinstance(value, UploadFile)]  # fmt: skip
@@ -164,6 +178,8 @@ def _decode_file(name: str, data: bytes, limits: Limits) -> np.ndarray:
 def _json_instances(body: bytes) -> list[Any]:
     try:
         payload = json.loads(body)
+    except RecursionError:
+        raise RequestRejected(400, "invalid_json", "the JSON body is nested too deeply") from None
     except ValueError as error:
         raise RequestRejected(400, "invalid_json", f"the body is not valid JSON ({error})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
@@ -178,13 +194,13 @@ def _decode_instance(index: int, instance: Any, limits: Limits) -> np.ndarray:
             raise RequestRejected(422, "invalid_instance", f'{where}: an object instance must be {{"b64": "<base64>"}}')
         try:
             data = base64.b64decode(instance["b64"], validate=True)
-        except binascii.Error as error:
+        except ValueError as error:  # binascii.Error, or non-ASCII characters
             raise RequestRejected(422, "invalid_base64", f"{where}: not valid base64 ({error})") from None
         return _decode_file(where, data, limits)
     try:
         pixels = np.asarray(instance)
-    except ValueError:
-        pixels = np.asarray([])  # ragged nesting: reported below as a wrong shape
+    except (ValueError, RecursionError):
+        pixels = np.asarray([])  # ragged or absurdly deep nesting: reported below as a wrong shape
     if pixels.dtype.kind not in "iu" or pixels.ndim not in (2, 3) or pixels.size == 0:
         raise RequestRejected(
             422, "invalid_array", f"{where}: expected a non-empty [H][W] or [H][W][C] array of integers 0..255, got "
@@ -213,6 +229,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
+        if str(error.detail).startswith("Too many files"):  # Starlette's multipart parser stopped the batch early
+            return _error(413, "batch_too_large", f"{error.detail}; split the batch")
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "bad_request")
         return _error(error.status_code, code, str(error.detail))
 
@@ -285,9 +303,15 @@ def serve(bundle_path: str, args: argparse.Namespace) -> None:
     import uvicorn
 
     bundle = load_bundle(bundle_path, variant=args.variant)
-    limits = Limits(args.max_upload_bytes, args.max_batch, args.max_pixels)
+    limits = Limits(args.max_upload_bytes, args.max_batch, args.max_pixels, args.max_workers, args.max_connections)
     logger.info("serving %s %s (%s) on http://%s:%d", bundle.name, bundle.version, bundle.variant_name, args.host, args.port)
-    uvicorn.run(create_app(bundle, limits), host=args.host, port=args.port, access_log=not args.no_access_log)
+    uvicorn.run(
+        create_app(bundle, limits),
+        host=args.host,
+        port=args.port,
+        access_log=not args.no_access_log,
+        limit_concurrency=limits.max_connections,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from kiln.registry import (
     ALIASES_FILE,
     HISTORY_FILE,
     REGISTRATION_FILE,
+    AliasConflict,
     ChampionResult,
     Decision,
     ModelRegistry,
@@ -339,3 +340,20 @@ def test_decide_promotion(accuracy, blessed, champion, budget, alias, reason):
     decision = decide_promotion(accuracy, blessed, champion, budget)
     assert isinstance(decision, Decision) and decision.alias == alias
     assert re.search(reason, decision.reason), decision.reason
+
+
+def test_a_move_conditional_on_a_stale_production_is_refused(two_versions):
+    registry = two_versions
+    registry.promote(MODEL, "v1", "first version")
+    with pytest.raises(AliasConflict, match="production is now v1"):
+        registry.set_alias(MODEL, "production", "v2", "decided while production was empty", expect={"production": None})
+    assert registry.aliases(MODEL) == {"production": "v1"} and len(registry.history(MODEL)) == 1
+    registry.set_alias(MODEL, "production", "v2", "decided against v1", expect={"production": "v1"})
+    assert registry.aliases(MODEL) == {"production": "v2"}
+
+
+def test_registered_files_are_readable_by_other_users(two_versions):
+    registry = two_versions
+    registry.promote(MODEL, "v1", "first version")
+    assert (registry.root / MODEL / ALIASES_FILE).stat().st_mode & 0o777 == 0o644
+    assert (registry.root / MODEL / "versions" / "v1").stat().st_mode & 0o777 == 0o755

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kiln.bundle import load_bundle
 from kiln.deploy_files import RUNTIME_DISTRIBUTIONS, RUNTIME_PACKAGE, SERVER_MODULE
+from kiln.errors import BundleError, IntegrityError
 from tests.serving.conftest import free_port, running_server, standalone_command
 
 KILN = [sys.executable, "-m", "kiln.cli"]
@@ -81,7 +84,8 @@ def test_the_bundle_carries_its_runtime_with_pinned_requirements_and_a_dockerfil
                 third_party.add(node.module.split(".")[0])
     third_party -= set(sys.stdlib_module_names) | {"__future__"}
     import_names = {"numpy": "numpy", "pillow": "PIL", "onnxruntime": "onnxruntime", "fastapi": "fastapi",
-                    "starlette": "starlette", "uvicorn": "uvicorn", "python-multipart": "python_multipart"}  # fmt: skip
+                    "starlette": "starlette", "anyio": "anyio", "uvicorn": "uvicorn",
+                    "python-multipart": "python_multipart"}  # fmt: skip
     # python-multipart is imported by Starlette's form parser rather than by the runtime itself.
     assert third_party | {"python_multipart"} == {import_names[name] for name in RUNTIME_DISTRIBUTIONS}
 
@@ -90,3 +94,32 @@ def test_the_bundle_carries_its_runtime_with_pinned_requirements_and_a_dockerfil
     dockerfile = (bundle_dir / "Dockerfile").read_text()
     assert f'CMD ["python", "-m", "{SERVER_MODULE}", "/bundle", "--host", "0.0.0.0"' in dockerfile
     assert "COPY requirements.txt" in dockerfile and "pip install --no-cache-dir -r requirements.txt" in dockerfile
+
+
+def test_files_the_manifest_does_not_list_are_refused(bundle_dir: Path, tmp_path: Path):
+    """A module dropped next to the runtime (e.g. a fastapi.py shadowing the real one) must not load."""
+    copy = tmp_path / bundle_dir.name
+    shutil.copytree(bundle_dir, copy)
+    (copy / "fastapi.py").write_text("raise SystemExit('shadowed')\n")
+    with pytest.raises(IntegrityError, match="files its manifest does not list: fastapi.py"):
+        load_bundle(copy)
+    (copy / "fastapi.py").unlink()
+    (copy / "kiln_runtime" / "__pycache__").mkdir()
+    (copy / "kiln_runtime" / "__pycache__" / "server.cpython-311.pyc").write_bytes(b"written by python itself")
+    assert load_bundle(copy).version
+
+
+@pytest.mark.parametrize("damage", ["drop sha256", "version not a string", "files not a list"])
+def test_a_malformed_manifest_is_a_bundle_error_not_a_crash(bundle_dir: Path, tmp_path: Path, damage: str):
+    copy = tmp_path / bundle_dir.name
+    shutil.copytree(bundle_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    if damage == "drop sha256":
+        del manifest["files"][0]["sha256"]
+    elif damage == "version not a string":
+        manifest["version"] = 3
+    else:
+        manifest["files"] = 7
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="malformed"):
+        load_bundle(copy)

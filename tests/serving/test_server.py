@@ -52,7 +52,9 @@ def test_health_and_metadata(server: str, bundle_dir: Path):
     assert metadata["input"]["model_input"] == {"name": "image", "dtype": "tensor(uint8)"}
     assert metadata["variant"] == bundle.manifest["chosen_variant"]
     assert 0 <= metadata["metrics"]["test_accuracy"] <= 1
-    assert metadata["limits"] == {"max_upload_bytes": MAX_UPLOAD_BYTES, "max_batch": MAX_BATCH, "max_pixels": MAX_PIXELS}
+    limits = metadata["limits"]
+    assert (limits["max_upload_bytes"], limits["max_batch"], limits["max_pixels"]) == (MAX_UPLOAD_BYTES, MAX_BATCH, MAX_PIXELS)
+    assert limits["max_workers"] >= 1 and limits["max_connections"] >= 1
 
 
 def test_uploaded_png_and_jpeg_get_the_bundles_own_prediction(server: str, test_images):
@@ -145,12 +147,22 @@ def test_a_multipart_request_without_files_gets_400(server: str):
     assert_error(response, 400, "no_images")
 
 
-def test_too_many_images_get_413(server: str, test_images):
+@pytest.mark.parametrize("extra", [1, 5])  # one over the limit, and far enough over that the parser stops first
+def test_too_many_images_get_413(server: str, test_images, extra: int):
     _, images = test_images
-    files = [(f"{index}.png", encode(images[0]), "image/png") for index in range(MAX_BATCH + 1)]
-    assert post_files(server, files).status_code in (400, 413)  # the multipart parser may stop it first
-    json_batch = {"instances": [images[0].tolist()] * (MAX_BATCH + 1)}
+    files = [(f"{index}.png", encode(images[0]), "image/png") for index in range(MAX_BATCH + extra)]
+    assert_error(post_files(server, files), 413, "batch_too_large")
+    json_batch = {"instances": [images[0].tolist()] * (MAX_BATCH + extra)}
     assert_error(httpx.post(f"{server}/v1/predict", json=json_batch), 413, "batch_too_large", str(MAX_BATCH))
+
+
+def test_formats_outside_the_supported_list_are_refused_without_decoding(server: str, test_images):
+    _, images = test_images
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"  # Pillow would hand EPS to Ghostscript
+    ico = encode(images[0], "ICO")
+    response = post_files(server, [("drawing.eps", eps, "application/postscript")])
+    assert_error(response, 400, "unreadable_image", "drawing.eps", "supported format")
+    assert_error(post_files(server, [("icon.ico", ico, "image/x-icon")]), 400, "unreadable_image", "supported format")
 
 
 def test_a_body_over_the_byte_limit_gets_413_declared_or_streamed(server: str):
@@ -179,6 +191,11 @@ def test_a_body_over_the_byte_limit_gets_413_declared_or_streamed(server: str):
         (b'{"instances": [{"b64": "!!!"}]}', 422, "invalid_base64"),
         (b'{"instances": [{"url": "http://x"}]}', 422, "invalid_instance"),
         (b'{"instances": []}', 400, "no_images"),
+        (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "invalid_json"),
+        (b'{"instances": [' + b"[" * 500 + b"1" + b"]" * 500 + b"]}", 422, "invalid_array"),  # numpy: ndim <= 64
+        ('{"instances": [{"b64": "\u00e9t\u00e9"}]}'.encode(), 422, "invalid_base64"),
+        (b'{"instances": [[[true, false], [true, true]]]}', 422, "invalid_array"),
+        (b'{"instances": [[[-1, 2], [3, 4]]]}', 422, "invalid_array"),
     ],
 )
 def test_malformed_json_gets_a_clear_4xx(server: str, body: bytes, status: int, code: str):

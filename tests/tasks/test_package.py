@@ -55,7 +55,14 @@ def test_the_triton_config_describes_the_bundles_own_model(built):
     (image,) = config["input"]
     assert (one(image, "name"), one(image, "data_type")) == ("image", "TYPE_UINT8")
     assert image["dims"] == session.get_inputs()[0].shape[1:]
-    assert [one(output, "name") for output in config["output"]] == [o.name for o in session.get_outputs()]
+    outputs = session.get_outputs()
+    assert [one(output, "name") for output in config["output"]] == [output.name for output in outputs]
+    assert [one(output, "data_type") for output in config["output"]] == ["TYPE_FP32", "TYPE_INT64"]
+    assert [output.type for output in outputs] == ["tensor(float)", "tensor(int64)"]
+    probabilities, class_index = config["output"]
+    assert probabilities["dims"] == outputs[0].shape[1:] == [3]
+    assert class_index["dims"] == [1] and len(outputs[1].shape) == 1  # [batch] becomes dims [1] + empty reshape
+    assert one(probabilities, "label_filename") == "labels.txt"
     labels = (model_dir / "labels.txt").read_text().splitlines()
     assert labels == json.loads((bundle_dir / "labels.json").read_text())
 

@@ -163,3 +163,29 @@ def test_register_task_wraps_the_step_for_prefect(store, bundles):
     decision = register_task.fn(CONFIG, *refs, StoreConfig(root=store.url))
     assert decision["alias"] == "production"
     assert json.loads(json.dumps(decision)) == decision  # a plain JSON-able result
+
+
+def test_a_production_move_by_a_concurrent_run_makes_the_decision_be_taken_again(store, bundles, monkeypatch):
+    """Run 1 scores production = good; meanwhile run 2 promotes bad; run 1 must compare against bad, not good."""
+    import tasks.register as register_module
+
+    run(store, bundles.good)
+    registry = registry_of(store)
+    bad_version = version_of(store, bundles.bad)
+    registry.register(MODEL, bad_version, bundles.bundle_dir(bundles.bad), {"metrics": {}})
+    real_score = register_module.score_champion
+    calls = []
+
+    def score_then_someone_promotes(*args, **kwargs):
+        result = real_score(*args, **kwargs)
+        if not calls:
+            registry.promote(MODEL, bad_version, "a concurrent run")
+        calls.append(result.version)
+        return result
+
+    monkeypatch.setattr(register_module, "score_champion", score_then_someone_promotes)
+    unblessed = run(store, bundles.unblessed)
+
+    assert calls == [version_of(store, bundles.good), bad_version]
+    assert unblessed["champion_version"] == bad_version and unblessed["alias"] == "staging"
+    assert registry.aliases(MODEL)["production"] == bad_version
