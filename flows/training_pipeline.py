@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from kiln.config import PipelineConfig
+from flows.hooks import publish_failure_summary
+from kiln.config import PipelineConfig, load_config
 from kiln.store import ArtifactRef
 from tasks.augment import augment_task
 from tasks.compress import compress_task
@@ -23,8 +24,13 @@ from tasks.train import train_task
 from tasks.validate import validate_task
 
 
-@flow(name="training-pipeline", flow_run_name="{config.profile}-{config.data.source}", log_prints=False)
-def training_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, ArtifactRef]:
+@flow(
+    name="training-pipeline",
+    flow_run_name="{config.profile}-{config.data.source}",
+    on_failure=[publish_failure_summary],
+    log_prints=False,
+)
+def training_pipeline(config: PipelineConfig = load_config("quickstart")) -> dict[str, ArtifactRef]:
     """Download → validate → augment → train → evaluate (gate) → export → compress → package → register.
 
     The last step adds the bundle to the model registry and moves `production` to it only if it passed the gate

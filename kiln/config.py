@@ -142,6 +142,21 @@ class StoreConfig(Section):
     root: str = Field("artifacts", description="any fsspec URL: a local path, memory://..., s3://bucket/prefix")
 
 
+class RetrainPolicy(Section):
+    """When the retrain flow retrains: any threshold passed, or the class list changed (see kiln/drift.py)."""
+
+    min_new_samples: int = Field(1, ge=1, description="retrain when at least this many training images are new")
+    max_label_js_distance: float = Field(
+        0.05, ge=0, le=1, description="label distribution drift allowed (Jensen-Shannon distance, base 2)",
+    )
+    max_brightness_ks: float = Field(
+        0.1, ge=0, le=1, description="per-image brightness drift allowed (two-sample Kolmogorov-Smirnov statistic)",
+    )
+    max_contrast_ks: float = Field(
+        0.1, ge=0, le=1, description="per-image contrast drift allowed (two-sample Kolmogorov-Smirnov statistic)",
+    )
+
+
 class PipelineConfig(BaseModel):
     """The whole pipeline's configuration; the training flow's only parameter."""
 

@@ -15,7 +15,12 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 
@@ -24,6 +29,18 @@ from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore
 
 KILN_LOGGER = logging.getLogger("kiln")
+# A stage that runs past its timeout is failed by Prefect instead of hanging a worker. Generous on purpose: they
+# catch stuck runs, not slow ones. Override one with e.g. `train_task.with_options(timeout_seconds=...)`.
+STAGE_TIMEOUT_S = {
+    "download": 4 * 3600,
+    "validate": 2 * 3600,
+    "augment": 600,
+    "train": 48 * 3600,
+    "evaluate": 2 * 3600,
+    "export": 3600,
+    "compress": 6 * 3600,
+    "package": 3600,
+}
 
 
 def stage_task(stage: Stage, **task_options: Any) -> Callable:
@@ -36,6 +53,7 @@ def stage_task(stage: Stage, **task_options: Any) -> Callable:
         "cache_key_fn": _cache_key_fn(stage),
         "persist_result": True,
         "result_serializer": "json",
+        "timeout_seconds": STAGE_TIMEOUT_S.get(stage.name),
         **task_options,
     }
 
@@ -47,6 +65,8 @@ def forward_kiln_logs(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def with_run_logging(*args: Any, **kwargs: Any) -> Any:
+        if KILN_LOGGER.level == logging.NOTSET:  # else the root logger's WARNING default drops the stages' INFO lines
+            KILN_LOGGER.setLevel(logging.INFO)
         handler = _RunLogForwarder()
         KILN_LOGGER.addHandler(handler)
         try:
@@ -104,3 +124,14 @@ def report_table(key: str, rows: list[dict[str, Any]], description: str) -> None
     """Publish a table Prefect artifact (skipped outside a Prefect run)."""
     if in_prefect_run() and rows:
         create_table_artifact(table=rows, key=key, description=description)
+
+
+class Progress:
+    """A Prefect progress artifact (0-100 %) that a long stage moves forward; does nothing outside a Prefect run."""
+
+    def __init__(self, key: str, description: str):
+        self.artifact_id = create_progress_artifact(0.0, key=key, description=description) if in_prefect_run() else None
+
+    def update(self, fraction: float, description: str | None = None) -> None:
+        if self.artifact_id is not None:
+            update_progress_artifact(self.artifact_id, round(100.0 * min(max(fraction, 0.0), 1.0), 1), description)

@@ -21,7 +21,7 @@ from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
 from kiln.training import AugmentedImages, EpochCallback, fit, resolve_runtime
-from tasks._task import report, report_table, stage_task
+from tasks._task import Progress, report, report_table, stage_task
 
 LOGGER = logging.getLogger("kiln")
 STAGE = Stage("train", __name__)
@@ -94,11 +94,15 @@ def train(
 def train_task(config: TrainConfig, dataset: ArtifactRef, policy: ArtifactRef, store: StoreConfig) -> ArtifactRef:
     """Train the model, logging every epoch."""
 
+    progress = Progress("kiln-train-progress", f"Training {config.model}: epoch 0/{config.epochs}")
+
     def log_epoch(row):
-        LOGGER.info(
+        summary = (
             f"epoch {row['epoch']}/{config.epochs}: loss {row['train_loss']:.4f}, "
             f"train acc {row['train_accuracy']:.3f}, val acc {row['val_accuracy']}, {row['images_per_s']:.0f} img/s"
         )
+        LOGGER.info(summary)
+        progress.update(row["epoch"] / config.epochs, f"Training {config.model}: {summary}")
 
     ref = train(config, dataset, policy, ArtifactStore(store.root), on_epoch=log_epoch)
     metrics = ArtifactStore(store.root).manifest(ref).metrics

@@ -132,3 +132,20 @@ def test_kiln_predict_needs_neither_torch_nor_prefect(pipeline_run, tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_failed_run_gets_a_summary_artifact_naming_the_stage(pipeline_run):
+    """The on_failure hook: a gate the model cannot pass fails the run, and the UI says where and why."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    config, _ = pipeline_run
+    strict = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"min_accuracy": 1.0})})
+    state = training_pipeline(strict, return_state=True)
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    summary = next(artifact.data for artifact in artifacts if artifact.key == "kiln-failure")
+    assert "| gate |" in summary and "min_accuracy" in summary
