@@ -18,21 +18,27 @@ import numpy as np
 from PIL import ImageFile
 
 from kiln.errors import KilnError
+from kiln.progress import ProgressCallback, ignore_progress
 from kiln.runtime.images import decode_image
 
 _FILES_PER_JOB = 512  # files per pool job: with small images the per-job overhead matters
 _PROCESS_POOL_MIN_FILES = 2000  # below this, starting worker processes (about a second) costs more than it saves
 _MAX_WORKERS = 8
+DECODING = "decoding images"
 
 
 def decode_images(
-    items: Iterable[tuple[str, Path | bytes]], count: int, image_size: int | None
+    items: Iterable[tuple[str, Path | bytes]],
+    count: int,
+    image_size: int | None,
+    on_progress: ProgressCallback = ignore_progress,
 ) -> dict[str, np.ndarray | str]:
     """Decode `count` (name, file path or file bytes) pairs; returns name -> uint8 [H, W, 1] for grayscale modes or
     [H, W, 3] for all others (resized to image_size x image_size when given), or why the file cannot be used.
 
     `items` is consumed lazily, a few jobs ahead of the decoders, so an archive read on the fly is never held in
-    memory whole. Raises KilnError if Pillow was told to accept truncated images.
+    memory whole. `on_progress` hears ("decoding images", done, count) as jobs finish. Raises KilnError if Pillow
+    was told to accept truncated images.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise KilnError(
@@ -41,7 +47,9 @@ def decode_images(
         )
     workers = min(os.cpu_count() or 1, _MAX_WORKERS)
     if count < _PROCESS_POOL_MIN_FILES or workers == 1:
-        return _decode_job(list(items), image_size)
+        decoded = _decode_job(list(items), image_size)
+        on_progress(DECODING, len(decoded), count)
+        return decoded
     results: dict[str, np.ndarray | str] = {}
     # Processes, because Pillow's JPEG parsing is mostly Python and holds the GIL (threads were slower than one
     # process); spawned, because forking a process that runs Prefect's threads is unsafe.
@@ -51,8 +59,10 @@ def decode_images(
             pending.append(pool.submit(_decode_job, job, image_size))
             if len(pending) > 4 * workers:
                 results.update(pending.popleft().result())
+                on_progress(DECODING, len(results), count)
         for future in pending:
             results.update(future.result())
+            on_progress(DECODING, len(results), count)
     return results
 
 

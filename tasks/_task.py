@@ -81,7 +81,8 @@ class _RunLogForwarder(logging.Handler):
     """Sends "kiln" log records to the current Prefect run's logger (shown in the UI)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        get_run_logger().log(record.levelno, record.getMessage())
+        if in_prefect_run():  # a task body called directly (`task.fn(...)`) has no run log to write to
+            get_run_logger().log(record.levelno, record.getMessage())
 
 
 def _cache_key_fn(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
@@ -127,11 +128,23 @@ def report_table(key: str, rows: list[dict[str, Any]], description: str) -> None
 
 
 class Progress:
-    """A Prefect progress artifact (0-100 %) that a long stage moves forward; does nothing outside a Prefect run."""
+    """A Prefect progress artifact (0-100 %) that a long stage moves forward; does nothing outside a Prefect run.
+
+    Updates are API calls, so one is sent only when the bar moves by a whole percent or the step changes.
+    """
 
     def __init__(self, key: str, description: str):
         self.artifact_id = create_progress_artifact(0.0, key=key, description=description) if in_prefect_run() else None
+        self.last: tuple[int, str | None] = (0, None)
 
-    def update(self, fraction: float, description: str | None = None) -> None:
-        if self.artifact_id is not None:
-            update_progress_artifact(self.artifact_id, round(100.0 * min(max(fraction, 0.0), 1.0), 1), description)
+    def update(self, fraction: float, description: str | None = None, step: str | None = None) -> None:
+        percent = round(100.0 * min(max(fraction, 0.0), 1.0), 1)
+        if self.artifact_id is None or (int(percent), step) == self.last:
+            return
+        self.last = (int(percent), step)
+        update_progress_artifact(self.artifact_id, percent, description)
+
+    def report(self, what: str, done: int, total: int) -> None:
+        """A kiln.progress callback: `what` with done/total (a bar only when the total is known)."""
+        if total > 0:
+            self.update(done / total, f"{what}: {done:,}/{total:,}", step=what)

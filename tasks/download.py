@@ -17,22 +17,26 @@ from typing import Any
 from kiln.config import DataConfig, StoreConfig
 from kiln.dataset import write_dataset
 from kiln.errors import DownloadError
+from kiln.progress import ProgressCallback, ignore_progress
 from kiln.sources import load_source, source_fingerprint
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore
-from tasks._task import report, stage_task
+from tasks._task import Progress, report, stage_task
 
 STAGE = Stage("download", __name__, source_fingerprint=source_fingerprint)
 
 
-def download(config: DataConfig, store: ArtifactStore) -> ArtifactRef:
+def download(
+    config: DataConfig, store: ArtifactStore, on_progress: ProgressCallback = ignore_progress
+) -> ArtifactRef:
     """Load `config.source` and publish it as the download stage's output (reused if the store has it).
 
-    Raises DataError for data that is missing, unsafe or unusable, DownloadError for transient network failures.
+    `on_progress` hears long downloads and decodes. Raises DataError for data that is missing, unsafe or unusable,
+    DownloadError for transient network failures.
     """
 
     def build(out_dir: Path) -> dict[str, Any]:
-        loaded = load_source(config)
+        loaded = load_source(config, on_progress)
         metrics = write_dataset(out_dir, loaded.dataset, loaded.skipped)
         return {**metrics, "dataset": loaded.dataset.name, "classes": list(loaded.dataset.classes)}
 
@@ -48,7 +52,9 @@ def retry_on_download_error(task: Any, task_run: Any, state: Any) -> bool:
 def download_task(config: DataConfig, store: StoreConfig) -> ArtifactRef:
     """Download and publish the dataset; retried on transient network failures."""
     artifact_store = ArtifactStore(store.root)
-    ref = download(config, artifact_store)
+    progress = Progress("kiln-download-progress", f"Reading {config.source} {config.uri or ''}".strip())
+    ref = download(config, artifact_store, progress.report)
+    progress.update(1.0, f"{config.source}: {'reused from the store' if ref.reused else 'read and published'}", "done")
     metrics = artifact_store.manifest(ref).metrics
     classes = metrics.get("classes", [])
     report(

@@ -13,6 +13,7 @@ import numpy as np
 
 from kiln.config import DataConfig
 from kiln.dataset import SPLITS, ImageDataset, stratified_subsample
+from kiln.progress import ProgressCallback, ignore_progress
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class SourceData:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"source": ..., "reason": ...}
 
 
-def load_source(config: DataConfig) -> SourceData:
+def load_source(config: DataConfig, on_progress: ProgressCallback = ignore_progress) -> SourceData:
     """Load `config.source`, then apply data.max_train_samples / data.max_test_samples (stratified).
+
+    `on_progress` hears long downloads (bytes) and decodes (images).
 
     Raises DataError for data that is missing, unsafe or unusable and DownloadError for transient network failures.
     """
@@ -35,7 +38,7 @@ def load_source(config: DataConfig) -> SourceData:
         from kiln.sources.imagefolder import load_imagefolder as loader
     else:
         from kiln.sources.torchvision_sets import load_torchvision as loader
-    loaded = loader(config)
+    loaded = loader(config, on_progress)
     limited = limit_samples(loaded.dataset, config.max_train_samples, config.max_test_samples, config.seed)
     return SourceData(limited, loaded.skipped)
 

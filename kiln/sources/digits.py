@@ -8,12 +8,13 @@ from sklearn.datasets import load_digits as sklearn_load_digits
 from kiln.config import DataConfig
 from kiln.dataset import ImageDataset, stratified_indices
 from kiln.errors import ConfigError
+from kiln.progress import ProgressCallback, ignore_progress
 from kiln.sources import SourceData
 
 _MAX_PIXEL = 16  # the digits' pixel values are counts (0..16) of set pixels in 4x4 blocks of a 32x32 bitmap
 
 
-def load_digits(config: DataConfig) -> SourceData:
+def load_digits(config: DataConfig, on_progress: ProgressCallback = ignore_progress) -> SourceData:
     """Digits as uint8 [N, 8, 8, 1] in 0..255, classes "0".."9", split stratified by data.test_fraction/seed.
 
     Raises ConfigError when data.uri is set: the set ships with scikit-learn, so a uri would be silently ignored.

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from kiln.errors import DataError, DownloadError
+from kiln.progress import ProgressCallback, ignore_progress
 
 USER_AGENT = "kiln-pipeline"
 _CHUNK_BYTES = 1 << 20
@@ -23,12 +24,14 @@ def is_url(uri: str) -> bool:
     return urlsplit(uri).scheme in ("http", "https")
 
 
-def fetch(url: str, destination: Path, *, timeout_s: float, max_bytes: int) -> Path:
+def fetch(
+    url: str, destination: Path, *, timeout_s: float, max_bytes: int, on_progress: ProgressCallback = ignore_progress
+) -> Path:
     """Download `url` to `destination` (through a .part file, so a failed download leaves nothing behind).
 
     `timeout_s` bounds each socket operation. Raises DownloadError for failures worth retrying (connection refused
     or reset, timeouts, HTTP 5xx/408/429, a body shorter than announced) and DataError for ones that will not
-    change (HTTP 404 and other 4xx, a body larger than `max_bytes`).
+    change (HTTP 404 and other 4xx, a body larger than `max_bytes`). `on_progress` hears the bytes received.
     """
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     partial = destination.with_name(destination.name + ".part")
@@ -37,7 +40,7 @@ def fetch(url: str, destination: Path, *, timeout_s: float, max_bytes: int) -> P
             announced = _announced_length(response)
             if announced is not None and announced > max_bytes:
                 raise _too_large(url, max_bytes, f"announces {announced:,} bytes")
-            received = _copy_capped(url, response, partial, max_bytes)
+            received = _copy_capped(url, response, partial, max_bytes, announced or 0, on_progress)
         if announced is not None and received < announced:
             raise DownloadError(f"{url}: the connection closed after {received:,} of {announced:,} bytes; retrying")
         partial.replace(destination)
@@ -58,15 +61,20 @@ def _announced_length(response: http.client.HTTPResponse) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _copy_capped(url: str, response: http.client.HTTPResponse, target: Path, max_bytes: int) -> int:
+def _copy_capped(
+    url: str, response: http.client.HTTPResponse, target: Path, max_bytes: int, total: int,
+    on_progress: ProgressCallback,
+) -> int:  # fmt: skip
     # Counted while streaming because Content-Length may be absent or wrong.
     received = 0
+    what = f"downloading {url.rsplit('/', 1)[-1] or url}"
     with open(target, "wb") as out:
         while chunk := response.read(_CHUNK_BYTES):
             received += len(chunk)
             if received > max_bytes:
                 raise _too_large(url, max_bytes, f"sent more than {max_bytes:,} bytes")
             out.write(chunk)
+            on_progress(what, received, total)
     return received
 
 

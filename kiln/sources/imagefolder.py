@@ -26,6 +26,7 @@ from kiln.sources import SourceData
 from kiln.sources.archives import ARCHIVE_HINT, open_archive
 from kiln.sources.http import fetch, is_url
 from kiln.decoding import decode_images
+from kiln.progress import ProgressCallback, ignore_progress
 from kiln.runtime.images import to_channels
 
 TRAIN_FOLDER_NAMES = ("train", "training")
@@ -58,7 +59,7 @@ class _ImageFile:
     source: str  # relative to the dataset root: what samples.csv and skipped.csv show
 
 
-def load_imagefolder(config: DataConfig) -> SourceData:
+def load_imagefolder(config: DataConfig, on_progress: ProgressCallback = ignore_progress) -> SourceData:
     """Read `config.uri` (folder, archive or URL of an archive) as a labelled image set.
 
     Raises DataError for a missing path, an unsafe or unreadable archive, no or only one class, a class folder
@@ -71,16 +72,18 @@ def load_imagefolder(config: DataConfig) -> SourceData:
     with tempfile.TemporaryDirectory(prefix="kiln-imagefolder-") as scratch:
         if is_url(uri):
             download = Path(scratch, "download")
-            archive = fetch(uri, download, timeout_s=config.timeout_s, max_bytes=config.max_archive_bytes)
+            archive = fetch(
+                uri, download, timeout_s=config.timeout_s, max_bytes=config.max_archive_bytes, on_progress=on_progress
+            )
         else:
             archive = local_path(uri)
             if not archive.exists():
                 raise DataError(f"data.uri {uri} does not exist; pass an existing folder, {ARCHIVE_HINT} or URL")
             if archive.is_dir():
-                return _read_images(_folder_listing(archive), _folder_reader(archive), config, uri, [])
+                return _read_images(_folder_listing(archive), _folder_reader(archive), config, uri, [], on_progress)
         with open_archive(archive, config.max_archive_bytes) as contents:
             listing = _Listing(sorted(member.name for member in contents.files), contents.folders)
-            return _read_images(listing, contents.read, config, uri, contents.skipped)
+            return _read_images(listing, contents.read, config, uri, contents.skipped, on_progress)
 
 
 def local_path(uri: str) -> Path:
@@ -120,8 +123,9 @@ def _folder_reader(folder: Path) -> ReadFiles:
 
 
 def _read_images(
-    listing: _Listing, read: ReadFiles, config: DataConfig, uri: str, skipped: list[dict[str, str]]
-) -> SourceData:
+    listing: _Listing, read: ReadFiles, config: DataConfig, uri: str, skipped: list[dict[str, str]],
+    on_progress: ProgressCallback,
+) -> SourceData:  # fmt: skip
     layout = _find_layout(listing)
     skipped = skipped + _unused_entries(listing, layout)
     files = _image_files(listing, layout, skipped)
@@ -132,7 +136,7 @@ def _read_images(
             f"two: put images in one folder per class (<class>/*.jpg), optionally under train/ and test/"
         )
     _check_no_empty_class_folder(listing, layout, files, uri)
-    decoded = decode_images(read(file.path for file in files), len(files), config.image_size)
+    decoded = decode_images(read(file.path for file in files), len(files), config.image_size, on_progress)
     usable = _keep_usable(files, decoded, skipped, uri)
     images = _uniform_images(usable)
     label_of = {class_name: label for label, class_name in enumerate(classes)}

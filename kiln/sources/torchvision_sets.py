@@ -22,6 +22,7 @@ from torchvision.datasets.utils import calculate_md5
 from kiln.config import DataConfig
 from kiln.dataset import ImageDataset
 from kiln.errors import DataError, DownloadError, KilnError
+from kiln.progress import ProgressCallback, ignore_progress
 from kiln.sources import SourceData
 from kiln.sources.http import fetch
 
@@ -35,7 +36,7 @@ class _RemoteFile:
     md5: str  # what torchvision expects
 
 
-def load_torchvision(config: DataConfig) -> SourceData:
+def load_torchvision(config: DataConfig, on_progress: ProgressCallback = ignore_progress) -> SourceData:
     """Download, verify and read `config.source` as uint8 NHWC arrays (MNIST-like: [N, 28, 28, 1]).
 
     Raises DataError for HTTP 404 and other final errors, a checksum mismatch or a corrupt archive (naming the URL
@@ -44,7 +45,7 @@ def load_torchvision(config: DataConfig) -> SourceData:
     dataset_class = dataset_class_for(config.source, config.uri)
     with tempfile.TemporaryDirectory(prefix=f"kiln-{config.source}-") as root:
         for remote in _remote_files(dataset_class, Path(root)):
-            _fetch_verified(remote, config)
+            _fetch_verified(remote, config, on_progress)
         train = _open_split(dataset_class, root, config.source, train=True)
         test = _open_split(dataset_class, root, config.source, train=False)
         train_images, train_labels = _as_arrays(train)
@@ -87,12 +88,13 @@ def _remote_files(dataset_class: type, root: Path) -> list[_RemoteFile]:
     return [_RemoteFile([dataset_class.url], root / dataset_class.filename, dataset_class.tgz_md5)]
 
 
-def _fetch_verified(remote: _RemoteFile, config: DataConfig) -> None:
+def _fetch_verified(remote: _RemoteFile, config: DataConfig, on_progress: ProgressCallback) -> None:
     """Download from the first mirror that serves the file with the expected md5, or raise why none did."""
     failures: list[KilnError] = []
     for url in remote.urls:
         try:
-            fetch(url, remote.destination, timeout_s=config.timeout_s, max_bytes=config.max_archive_bytes)
+            fetch(url, remote.destination, timeout_s=config.timeout_s, max_bytes=config.max_archive_bytes,
+                  on_progress=on_progress)  # fmt: skip
         except (DataError, DownloadError) as error:
             failures.append(error)
             continue

@@ -29,7 +29,8 @@ PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "kiln-process"
 RUN_TIMEOUT_S = 600
 STAGE_ARTIFACTS = {"kiln-download", "kiln-validate", "kiln-augment", "kiln-train", "kiln-evaluate", "kiln-export",
-                   "kiln-compress", "kiln-package", "kiln-registry", "kiln-train-progress", "kiln-training-history",
+                   "kiln-compress", "kiln-package", "kiln-registry", "kiln-train-progress", "kiln-download-progress",
+                   "kiln-training-history",
                    "kiln-evaluation-per-class", "kiln-compression"}  # fmt: skip
 CHROMIUM = chromium_path()
 
@@ -153,7 +154,7 @@ def test_the_train_deployment_runs_the_pipeline_on_a_worker(stack, store_root, t
     assert len(bundles) == 1
     artifacts = artifacts_of(stack, train_run)
     assert STAGE_ARTIFACTS <= set(artifacts), sorted(artifacts)
-    assert artifacts["kiln-train-progress"]["data"] == 100.0
+    assert artifacts["kiln-train-progress"]["data"] == artifacts["kiln-download-progress"]["data"] == 100.0
     assert "production" in artifacts["kiln-registry"]["data"]
     assert bundles[0].parent.name in artifacts["kiln-package"]["data"]
 

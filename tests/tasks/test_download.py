@@ -401,6 +401,18 @@ def test_imagefolder_archive_over_http(store):
     assert STAGE.source_fingerprint(imagefolder(server.url("/pets.tar.gz"))) == ""
 
 
+def test_long_downloads_and_decodes_report_progress(store):
+    archive = tar_gz(SPLIT_TREE)
+    events: list[tuple[str, int, int]] = []
+    with serve_http(files={"/pets.tar.gz": archive}) as server:
+        ref = download(imagefolder(server.url("/pets.tar.gz")), store, lambda *event: events.append(event))
+    downloading = [event for event in events if event[0] == "downloading pets.tar.gz"]
+    assert downloading and downloading[-1][1:] == (len(archive), len(archive))
+    assert [done for _, done, _ in downloading] == sorted(done for _, done, _ in downloading)
+    images = len(read_dataset(Path(ref.uri)).train_labels) + len(read_dataset(Path(ref.uri)).test_labels)
+    assert events[-1][0] == "decoding images" and events[-1][1] == events[-1][2] >= images
+
+
 @pytest.mark.parametrize(
     "status, error, message", [(404, DataError, "HTTP 404"), (500, DownloadError, "HTTP 500"),
                                (503, DownloadError, "HTTP 503"), (403, DataError, "HTTP 403")]  # fmt: skip
