@@ -6,6 +6,7 @@ after augmentation of uint8 images, so the loader moves bytes, not floats.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import TrainConfig
 from kiln.runtime.preprocess import Preprocessing
+
+LOGGER = logging.getLogger("kiln")
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -176,6 +179,7 @@ def fit(
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
+        LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         started = time.perf_counter()

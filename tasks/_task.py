@@ -69,10 +69,15 @@ def forward_kiln_logs(fn: Callable) -> Callable:
             KILN_LOGGER.setLevel(logging.INFO)
         handler = _RunLogForwarder()
         KILN_LOGGER.addHandler(handler)
+        # Inside a run the run logger prints the line (and sends it to the UI); propagating to the root logger,
+        # which Prefect also gives a console handler, would print it twice.
+        propagate = KILN_LOGGER.propagate
+        KILN_LOGGER.propagate = propagate and not in_prefect_run()
         try:
             return fn(*args, **kwargs)
         finally:
             KILN_LOGGER.removeHandler(handler)
+            KILN_LOGGER.propagate = propagate
 
     return with_run_logging
 
