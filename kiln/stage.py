@@ -63,6 +63,15 @@ class Stage:
         existing = store.lookup(self.name, key)
         if existing is not None:
             return existing.model_copy(update={"reused": True})
+        with store.building(self.name, key):
+            existing = store.lookup(self.name, key)  # a concurrent run may have published it while we waited
+            if existing is not None:
+                return existing.model_copy(update={"reused": True})
+            return self._build(store, key, config, inputs, build)
+
+    def _build(
+        self, store: ArtifactStore, key: str, config: BaseModel, inputs: Mapping[str, ArtifactRef], build: BuildFn
+    ) -> ArtifactRef:
         started_at = time.time()
         with store.staging(self.name) as out_dir:
             metrics = build(out_dir) or {}

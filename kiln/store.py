@@ -13,8 +13,10 @@ uploaded first and the manifest last, so a reader never sees a half-written outp
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -37,6 +39,8 @@ from kiln.runtime.checksums import verify_files as verify_checksums
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+LOCKS_DIR = ".locks"  # <root>/.locks/<stage>-<key>.lock: one build per output at a time (local stores)
+LOGGER = logging.getLogger("kiln")
 _TRACKED_DISTRIBUTIONS = (
     "kiln-pipeline", "torch", "torchvision", "numpy", "pandas", "onnx", "onnxruntime", "prefect",
     "great-expectations", "scikit-learn", "pillow",
@@ -164,6 +168,27 @@ class ArtifactStore:
             ) from None
 
     # --- writing ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def building(self, stage: str, key: str) -> Iterator[None]:
+        """Held while `stage`/`key` is built, so that concurrent runs with the same inputs build it once: the
+        second waits, then finds the first one's output. Local stores only (an flock); on other stores both build
+        and the first publish wins."""
+        if not self.is_local:
+            yield
+            return
+        lock_dir = Path(self.root, LOCKS_DIR)
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{stage}-{key}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                LOGGER.info(f"{stage}: another run is building this output; waiting to reuse it")
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
     @contextmanager
     def staging(self, stage: str) -> Iterator[Path]:
         """A local, empty directory to build an output in; removed afterwards whatever happens.

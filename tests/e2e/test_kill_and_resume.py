@@ -1,5 +1,6 @@
-"""A real SIGKILL of `kiln run` in the middle of training, then the same command again: it resumes from the last
-checkpoint (losing at most the epoch that was running) and finishes with a valid bundle."""
+"""Faults between processes: a real SIGKILL of `kiln run` in the middle of training, then the same command again
+(it resumes from the last checkpoint, losing at most the epoch that was running, and finishes with a valid bundle);
+and two identical runs at once on one store (one builds, the other reuses)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 from kiln.bundle import load_bundle
 from tests.e2e.test_kiln_run import KILN, fresh_env
+from tests.e2e.test_prefect_deployments import PrefectStack
+from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +56,25 @@ def test_sigkill_mid_training_then_rerun_resumes_and_finishes(tmp_path: Path):
     bundle = re.search(r"^Bundle:\s+(\S+)$", second.stdout, re.MULTILINE).group(1)
     assert load_bundle(bundle).labels == [str(digit) for digit in range(10)]
     assert not list((tmp_path / "artifacts" / ".scratch" / "train").glob("*/checkpoint.pt"))  # cleaned up
+
+
+def test_two_identical_runs_at_once_on_one_store_train_once_and_agree(tmp_path: Path):
+    """Two `kiln run`s started together against one Prefect server: one builds each stage, the other waits and
+    reuses it; both finish with the same bundle and every stage output exists once."""
+    stack = PrefectStack(tmp_path / "prefect-home", free_port())
+    try:
+        stack.start("server", "server", "start", "--host", "127.0.0.1", "--port", stack.url.rsplit(":", 1)[1])
+        stack.wait_healthy()
+        command = [*KILN, "run", "--set", f"store.root={tmp_path / 'store'}"]
+        runs = [subprocess.Popen(command, cwd=tmp_path, env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]  # fmt: skip
+        outputs = [run.communicate(timeout=900)[0] for run in runs]
+    finally:
+        stack.stop()
+    assert [run.returncode for run in runs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    bundles = {re.search(r"^Bundle:\s+(\S+)$", output, re.MULTILINE).group(1) for output in outputs}
+    assert len(bundles) == 1
+    train_status = [re.search(r"^train\s+(\w+)", output, re.MULTILINE).group(1) for output in outputs]
+    assert sorted(train_status) == ["computed", "reused"]
+    for stage in ("download", "train", "package"):
+        assert len(list((tmp_path / "store" / stage).glob("*/manifest.json"))) == 1
