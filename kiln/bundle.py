@@ -14,8 +14,6 @@ from typing import Any
 from kiln.runtime.bundle import MANIFEST_FILE, SCHEMA_VERSION, Bundle, Prediction, load_bundle  # noqa: F401
 from kiln.store import list_files
 
-BUNDLE_MANIFEST = MANIFEST_FILE
-
 
 def write_bundle_manifest(bundle_dir: Path, model_name: str, version: str, extra: dict[str, Any]) -> dict[str, Any]:
     """Checksum every file in `bundle_dir` into its manifest.json; returns the manifest."""

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from kiln.bundle import BUNDLE_MANIFEST, load_bundle
+from kiln.bundle import MANIFEST_FILE, load_bundle
 from kiln.errors import BundleError, ConfigError, KilnError
 from kiln.store import ArtifactStore
 
@@ -369,10 +369,10 @@ def _check_alias(alias: str) -> None:
 def _manifest_files(bundle_dir: Path) -> list[tuple[str, str]]:
     """(path, sha256) of every file the bundle's manifest lists: its content, without its creation time."""
     try:
-        manifest = json.loads((Path(bundle_dir) / BUNDLE_MANIFEST).read_text())
+        manifest = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_text())
         return sorted((entry["path"], entry["sha256"]) for entry in manifest["files"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise BundleError(f"{bundle_dir} has no readable {BUNDLE_MANIFEST} ({error}): not a kiln bundle") from None
+        raise BundleError(f"{bundle_dir} has no readable {MANIFEST_FILE} ({error}): not a kiln bundle") from None
 
 
 def _write_json_atomically(path: Path, value: Any) -> None:
