@@ -11,6 +11,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,10 @@ class Stage:
     source_fingerprint: Callable[[Any], str] | None = None
 
     def code_version(self) -> str:
-        return _code_version(self.module)
+        # CPython 3.11's ast.parse is not thread-safe ("AST constructor recursion depth mismatch" when two threads
+        # parse at once, e.g. two stages keyed concurrently); the result is cached, so the lock costs nothing later.
+        with _CODE_VERSION_LOCK:
+            return _code_version(self.module)
 
     def key(self, config: BaseModel, inputs: Mapping[str, ArtifactRef]) -> str:
         """Content hash of what produces the output: stage, config section, input digests, source, code."""
@@ -85,6 +89,9 @@ class Stage:
                 metrics=metrics,
                 started_at=started_at,
             )
+
+
+_CODE_VERSION_LOCK = threading.Lock()
 
 
 @cache
