@@ -21,7 +21,7 @@ from tasks.export import export_task
 from tasks.package import package_task
 from tasks.register import register_task
 from tasks.train import train_task
-from tasks.validate import validate_task
+from tasks.validate import find_reference_data_task, validate_task
 
 
 @flow(
@@ -38,7 +38,8 @@ def training_pipeline(config: PipelineConfig = load_config("quickstart")) -> dic
     """
     store = config.store
     dataset = download_task(config.data, store)
-    validation = validate_task(config.validation, dataset, store)
+    reference = find_reference_data_task(config.package, store)  # production's data, to measure drift against
+    validation = validate_task(config.validation, dataset, store, reference)
     policy = augment_task(config.augment, dataset, store)
     model = train_task(config.train, dataset, policy, store)
     evaluation = evaluate_task(config.evaluate, model, dataset, store)

@@ -48,13 +48,45 @@ class DataConfig(Section):
     seed: int = Field(0, description="for the stratified split and subsampling")
 
 
-class ValidateConfig(Section):
+class DriftLimits(Section):
+    """How far data may drift from a reference (production's data) before it counts: see kiln/drift.py."""
+
+    max_label_js_distance: float = Field(
+        0.05, ge=0, le=1, description="label distribution drift allowed (Jensen-Shannon distance, base 2)",
+    )
+    max_brightness_ks: float = Field(
+        0.1, ge=0, le=1,
+        description="per-image, per-channel brightness drift allowed (two-sample Kolmogorov-Smirnov statistic D)",
+    )
+    max_contrast_ks: float = Field(
+        0.1, ge=0, le=1,
+        description="per-image, per-channel contrast drift allowed (two-sample Kolmogorov-Smirnov statistic D)",
+    )
+
+
+class ValidateConfig(DriftLimits):
     min_pixel_std: float = Field(1.0, ge=0, description="an image whose pixels vary less than this is flagged as blank")
     min_peak_pixel: int = Field(
         64, ge=0, le=255, description="a split's brightest pixel must reach this (catches 0..1 or 0..16 data)"
     )
     mostly: float = Field(0.99, gt=0, le=1, description="share of rows that per-row expectations must hold for")
     min_samples_per_class: int = Field(1, ge=1, description="per split")
+    max_class_ratio: float = Field(
+        10.0, ge=1, description="training-set balance: the largest class may hold at most this many times the smallest",
+    )
+    max_duplicate_fraction: float = Field(
+        0.01, ge=0, le=1, description="share of a split's images allowed to repeat another image of that split exactly",
+    )
+    max_leaked_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of test images allowed to appear in the training split too (leakage)",
+    )
+    on_bad_sample: Literal["fail", "quarantine"] = Field(
+        "quarantine",
+        description="files in class folders that could not be decoded: quarantine (leave out, list them) or fail",
+    )
+    on_drift: Literal["warn", "fail"] = Field(
+        "warn", description="drift beyond the max_* limits against production's data: report it, or fail the run",
+    )
 
 
 class AugmentConfig(Section):
@@ -142,19 +174,10 @@ class StoreConfig(Section):
     root: str = Field("artifacts", description="any fsspec URL: a local path, memory://..., s3://bucket/prefix")
 
 
-class RetrainPolicy(Section):
-    """When the retrain flow retrains: any threshold passed, or the class list changed (see kiln/drift.py)."""
+class RetrainPolicy(DriftLimits):
+    """When the retrain flow retrains: any drift limit passed, new images, or the class list changed (kiln/drift.py)."""
 
     min_new_samples: int = Field(1, ge=1, description="retrain when at least this many training images are new")
-    max_label_js_distance: float = Field(
-        0.05, ge=0, le=1, description="label distribution drift allowed (Jensen-Shannon distance, base 2)",
-    )
-    max_brightness_ks: float = Field(
-        0.1, ge=0, le=1, description="per-image brightness drift allowed (two-sample Kolmogorov-Smirnov statistic)",
-    )
-    max_contrast_ks: float = Field(
-        0.1, ge=0, le=1, description="per-image contrast drift allowed (two-sample Kolmogorov-Smirnov statistic)",
-    )
 
 
 class PipelineConfig(BaseModel):

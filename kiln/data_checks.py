@@ -1,8 +1,9 @@
 """Data checks on the sample table with Great Expectations 1.x, and their results in plain, readable form.
 
 One table-level suite runs on the whole table (schema, no nulls, split values) and one per-split suite on each of
-train and test (labels, image shape, pixel statistics, every class present); kiln adds a per-class sample count
-check, which GX 1.x has no expectation for. GX runs in an ephemeral, in-memory context: it writes nothing outside
+train and test (labels, image shape, pixel statistics, every class present, exact duplicates); kiln/dataset_checks.py
+adds the checks GX 1.x has no expectation for (per-class counts, balance, train/test leakage, unreadable files,
+drift against production's data). GX runs in an ephemeral, in-memory context: it writes nothing outside
 the Data Docs folder it is given and sends nothing over the network. It is imported lazily (it takes seconds).
 No Prefect here: tasks/validate.py wires this into the pipeline.
 """
@@ -17,17 +18,24 @@ import pandas as pd
 
 from kiln.config import ValidateConfig
 from kiln.dataset import SAMPLE_COLUMNS, SPLITS, DatasetInfo
+from kiln.dataset_checks import EXAMPLES_PER_CHECK, kiln_checks, samples_per_class
+from kiln.drift import DataComparison
 from kiln.store import ArtifactRef
 
-EXAMPLES_PER_CHECK = 5  # unexpected values (with their sample's source) kept per failed expectation
 DOCS_DIR = "data_docs"  # where a validate output keeps its Data Docs
 _TABLE_SUITE, _SPLIT_SUITE = "samples_table", "samples_per_split"
 
 
 def check_samples(
-    samples: pd.DataFrame, info: DatasetInfo, config: ValidateConfig, docs_dir: Path
+    samples: pd.DataFrame,
+    info: DatasetInfo,
+    config: ValidateConfig,
+    docs_dir: Path,
+    skipped: pd.DataFrame,
+    drift: DataComparison | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every check on the sample table and build GX Data Docs in `docs_dir`; returns one entry per check."""
+    """Run every check on the sample table (and on `skipped`, the files download left out, and `drift`, the
+    comparison with the reference data) and build GX Data Docs in `docs_dir`; returns one entry per check."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import (
@@ -77,7 +85,7 @@ def check_samples(
             results += [_gx_entry(split, result) for result in outcome.results]
     context.build_data_docs()
     _prune_unreferenced_assets(docs_dir)
-    return results + class_count_checks(samples, info, config)
+    return results + kiln_checks(samples, info, config, skipped, drift)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,33 +123,9 @@ def split_expectations(info: DatasetInfo, config: ValidateConfig) -> list:
         expect.ExpectColumnValuesToBeBetween(
             column="std", min_value=config.min_pixel_std, max_value=255, mostly=config.mostly
         ),
+        # An image and its exact copy both count as not unique, so this bounds the share of images that have a copy.
+        expect.ExpectColumnValuesToBeUnique(column="content_hash", mostly=1 - config.max_duplicate_fraction),
     ]
-
-
-def class_count_checks(samples: pd.DataFrame, info: DatasetInfo, config: ValidateConfig) -> list[dict[str, Any]]:
-    """kiln's own check, one per split: every class has at least `min_samples_per_class` samples."""
-    if not {"split", "label"} <= set(samples.columns):
-        return []  # the schema expectation already failed
-    entries = []
-    for split, per_class in samples_per_class(samples, info).items():
-        too_few = {name: count for name, count in per_class.items() if count < config.min_samples_per_class}
-        entries.append(
-            {
-                "split": split,
-                "checker": "kiln",
-                "expectation": "kiln_min_samples_per_class",
-                "column": "label",
-                "kwargs": {"min_value": config.min_samples_per_class},
-                "success": not too_few,
-                "observed_value": min(per_class.values(), default=0),
-                "unexpected_count": len(too_few),
-                "unexpected_percent": None,
-                "examples": [{"class": name, "count": count} for name, count in too_few.items()][:EXAMPLES_PER_CHECK],
-                "missing_values": [],
-                "error": None,
-            }
-        )
-    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,9 +174,8 @@ def describe_failures(failed: list[dict[str, Any]], evaluated: int, info: Datase
 def _observed(entry: dict[str, Any], info: DatasetInfo) -> str:
     if entry["error"]:
         return f"could not be evaluated: {entry['error']}"
-    if entry["expectation"] == "kiln_min_samples_per_class":
-        counts = ", ".join(f"{item['class']}: {item['count']}" for item in entry["examples"])
-        return f"classes with fewer than {entry['kwargs']['min_value']} samples: {counts}"
+    if entry["expectation"] in _KILN_OBSERVED:
+        return _KILN_OBSERVED[entry["expectation"]](entry)
     if entry["missing_values"]:
         is_label = entry["column"] == "label"
         named = [_class_name(value, info) if is_label else repr(value) for value in entry["missing_values"]]
@@ -201,6 +184,29 @@ def _observed(entry: dict[str, Any], info: DatasetInfo) -> str:
         percent = f" ({entry['unexpected_percent']:.2f}% of rows)" if entry["unexpected_percent"] is not None else ""
         return f"{entry['unexpected_count']} unexpected rows{percent}{_kwargs_text(entry)}; e.g. {entry['examples']}"
     return f"observed {entry['observed_value']!r}{_kwargs_text(entry)}"
+
+
+def _counts(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{item['class']}: {item['count']}" for item in entry["examples"])
+
+
+_KILN_OBSERVED = {
+    "kiln_min_samples_per_class": lambda e: f"classes with fewer than {e['kwargs']['min_value']} samples: {_counts(e)}",
+    "kiln_class_balance": lambda e: (
+        f"the largest class has {e['observed_value']}x the samples of the smallest (limit {e['kwargs']['max_value']}); "
+        f"smallest and largest: {_counts(e)}"
+    ),
+    "kiln_no_train_test_leakage": lambda e: (
+        f"{e['unexpected_count']} test images ({e['observed_value']:.2%}) are exact copies of training images "
+        f"(limit {e['kwargs']['max_value']:.2%}); e.g. "
+        + ", ".join(f"{item['test']} = {item['train']}" for item in e["examples"])
+    ),
+    "kiln_no_unreadable_files": lambda e: (
+        f"{e['unexpected_count']} files in class folders could not be decoded; e.g. "
+        + "; ".join(f"{item['source']}: {item['reason']}" for item in e["examples"])
+    ),
+    "kiln_drift_vs_reference": lambda e: f"against production's data: {e['observed_value']}",
+}
 
 
 def _class_name(index: Any, info: DatasetInfo) -> str:
@@ -228,23 +234,36 @@ _CLASS_PRESENCE_FIX = (
 )
 
 
+_KILN_FIXES = {
+    "kiln_min_samples_per_class": f"{_CLASS_PRESENCE_FIX}, or lower validate.min_samples_per_class",
+    "kiln_class_balance": "add images of the small classes, drop some of the large ones, or raise validate.max_class_ratio",
+    "kiln_no_train_test_leakage": (
+        "remove those images from the test split (or from train) so the test score measures unseen data, or raise "
+        "validate.max_leaked_fraction"
+    ),
+    "kiln_no_unreadable_files": (
+        "replace or delete the listed files, or set validate.on_bad_sample=quarantine to train without them"
+    ),
+    "kiln_drift_vs_reference": (
+        "check the new data against production's (the validate report has the measures); if the change is expected, "
+        "set validate.on_drift=warn or raise the validate.max_* drift limits"
+    ),
+}
+
+
 def _hint(entry: dict[str, Any]) -> str:
     if entry["expectation"] == "expect_column_distinct_values_to_contain_set":
         return _CLASS_PRESENCE_FIX
-    if entry["expectation"] == "kiln_min_samples_per_class":
-        return f"{_CLASS_PRESENCE_FIX}, or lower validate.min_samples_per_class"
+    if entry["expectation"] in _KILN_FIXES:
+        return _KILN_FIXES[entry["expectation"]]
+    if entry["expectation"] == "expect_column_values_to_be_unique":
+        return (
+            "remove the duplicated images from the source (the examples name some), or raise "
+            "validate.max_duplicate_fraction"
+        )
     if entry["column"] is None or entry["error"]:  # table-level, or a column missing or of the wrong type
         return "samples.csv is not in kiln's canonical format; re-run the download stage with this kiln version"
     return _FIXES.get(entry["column"], "fix the source data and re-run the download stage")
-
-
-def samples_per_class(samples: pd.DataFrame, info: DatasetInfo) -> dict[str, dict[str, int]]:
-    """split -> class name -> number of samples (0 for absent classes)."""
-    counts = samples.groupby(["split", "label"]).size()
-    return {
-        split: {name: int(counts.get((split, index), 0)) for index, name in enumerate(info.classes)}
-        for split in SPLITS
-    }
 
 
 def summarize(samples: pd.DataFrame, info: DatasetInfo, results: list[dict[str, Any]], docs_dir: Path) -> dict[str, Any]:

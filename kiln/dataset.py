@@ -6,7 +6,8 @@ Files in a download output directory:
     dataset.json                        name, classes, image shape, counts, per-channel mean/std of train
     samples.csv                         one row per sample: split, label, height, width, channels, mean, std,
                                         max (brightest pixel), content_hash, source (what data validation runs on)
-    skipped.csv                         files that were not used, with the reason (may be empty)
+    skipped.csv                         files that were not used: source, reason, kind ("unreadable": a file in a
+                                        class folder that did not decode; "ignored": not part of the layout)
 Arrays are plain .npy loaded with allow_pickle=False: nothing is unpickled.
 """
 
@@ -24,6 +25,8 @@ from kiln.errors import DataError
 from kiln.store import read_json, write_json
 
 SPLITS = ("train", "test")
+SKIPPED_COLUMNS = ("source", "reason", "kind")
+UNREADABLE, IGNORED = "unreadable", "ignored"  # skipped.csv kinds
 SAMPLE_COLUMNS = ("split", "label", "height", "width", "channels", "mean", "std", "max", "content_hash", "source")
 
 
@@ -90,7 +93,9 @@ def write_dataset(out_dir: Path, dataset: ImageDataset, skipped: list[dict[str, 
     }
     write_json(out_dir / "dataset.json", info)
     sample_table(dataset).to_csv(out_dir / "samples.csv", index=False)
-    pd.DataFrame(skipped or [], columns=["source", "reason"]).to_csv(out_dir / "skipped.csv", index=False)
+    skipped_table = pd.DataFrame(skipped or [], columns=list(SKIPPED_COLUMNS))
+    skipped_table["kind"] = skipped_table["kind"].fillna(IGNORED)
+    skipped_table.to_csv(out_dir / "skipped.csv", index=False)
     return {
         "train_samples": info["counts"]["train"],
         "test_samples": info["counts"]["test"],
@@ -128,6 +133,11 @@ def read_dataset(directory: Path) -> ImageDataset:
 
 def read_samples(directory: Path) -> pd.DataFrame:
     return pd.read_csv(directory / "samples.csv")
+
+
+def read_skipped(directory: Path) -> pd.DataFrame:
+    """skipped.csv, with every column as text (an empty file gives an empty table with the columns)."""
+    return pd.read_csv(directory / "skipped.csv", dtype=str, keep_default_na=False)
 
 
 def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from kiln.bundle import MANIFEST_FILE, load_bundle
 from kiln.errors import BundleError, ConfigError, KilnError
-from kiln.store import ArtifactStore
+from kiln.store import ArtifactRef, ArtifactStore
 
 REGISTRY_DIR = "registry"
 BUNDLE_DIR = "bundle"
@@ -60,6 +60,22 @@ def registry_root(store: ArtifactStore) -> Path:
             f"or turn the registry off with --set package.registry=false"
         )
     return Path(store.root) / REGISTRY_DIR
+
+
+def production_version(store: ArtifactStore, model_name: str) -> ModelVersion | None:
+    """The version `production` points to in the store's registry, or None (no registry, model or alias)."""
+    if not store.is_local:
+        return None
+    registry = ModelRegistry(registry_root(store))
+    if model_name not in registry.models() or "production" not in registry.aliases(model_name):
+        return None
+    return registry.get(model_name, "production")
+
+
+def trained_on(store: ArtifactStore, version: ModelVersion) -> ArtifactRef | None:
+    """The download output `version` was trained and evaluated on, if the store still holds it."""
+    key = version.registration.get("dataset", {}).get("key", "")
+    return store.lookup("download", key) if key else None
 
 
 @dataclass(frozen=True)

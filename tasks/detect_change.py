@@ -15,9 +15,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from kiln.config import PackageConfig, RetrainPolicy, StoreConfig
-from kiln.dataset import read_info, read_samples
-from kiln.drift import RetrainDecision, compare_datasets, decide_retrain
-from kiln.registry import ModelRegistry, registry_root
+from kiln.drift import RetrainDecision, compare_dataset_dirs, comparison_rows, decide_retrain
+from kiln.registry import production_version, trained_on
 from kiln.store import ArtifactRef, ArtifactStore
 from tasks._task import forward_kiln_logs, in_prefect_run
 
@@ -30,27 +29,21 @@ def detect_change(
     """Compare `dataset` (a download output) with the data of `package.model_name`'s production version."""
     if not package.registry:
         return RetrainDecision(True, "retrain: package.registry is off, so there is no production model to compare")
-    registry = ModelRegistry(registry_root(store))
-    name = package.model_name
-    if name not in registry.models() or "production" not in registry.aliases(name):
-        return RetrainDecision(True, f"retrain: {name} has no production version yet")
-    production = registry.get(name, "production")
+    production = production_version(store, package.model_name)
+    if production is None:
+        return RetrainDecision(True, f"retrain: {package.model_name} has no production version yet")
     reference = production.registration.get("dataset", {})
     if reference.get("digest") == dataset.digest:
         return RetrainDecision(
             False, f"no change: the data is exactly what production ({production.version}) was evaluated on"
         )
-    reference_ref = store.lookup("download", reference.get("key", ""))
+    reference_ref = trained_on(store, production)
     if reference_ref is None:
         return RetrainDecision(
             True, f"retrain: the data changed and production's dataset ({reference.get('uri')}) is no longer in the "
             "store to measure by how much",
         )  # fmt: skip
-    reference_dir, current_dir = store.materialize(reference_ref), store.materialize(dataset)
-    comparison = compare_datasets(
-        read_samples(reference_dir), read_info(reference_dir).classes,
-        read_samples(current_dir), read_info(current_dir).classes,
-    )  # fmt: skip
+    comparison = compare_dataset_dirs(store.materialize(reference_ref), store.materialize(dataset))
     return decide_retrain(comparison, policy)
 
 
@@ -74,16 +67,6 @@ def decision_markdown(decision: RetrainDecision, dataset: ArtifactRef) -> str:
     lines = ["## Retrain decision", "", f"**{decision.summary}**", "", f"- data: `{dataset.uri}` "
              f"(digest `{dataset.digest[:16]}`)"]  # fmt: skip
     if decision.comparison is not None:
-        c = decision.comparison
-        lines += [
-            "",
-            "| measure | value |",
-            "|---|---|",
-            f"| training images (production's → now) | {c.reference_train_samples} → {c.train_samples} |",
-            f"| new / removed training images | {c.new_samples} / {c.removed_samples} |",
-            f"| classes changed | {'yes' if c.classes_changed else 'no'} |",
-            f"| label distribution (Jensen-Shannon distance) | {c.label_js_distance:.4f} |",
-            f"| brightness (KS statistic, p) | {c.brightness_ks:.4f}, p = {c.brightness_p:.3g} |",
-            f"| contrast (KS statistic, p) | {c.contrast_ks:.4f}, p = {c.contrast_p:.3g} |",
-        ]
+        lines += ["", "| measure | value |", "|---|---|"]
+        lines += [f"| {measure} | {value} |" for measure, value in comparison_rows(decision.comparison)]
     return "\n".join(lines)

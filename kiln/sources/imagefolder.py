@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from kiln.config import DataConfig
-from kiln.dataset import ImageDataset, stratified_indices
+from kiln.dataset import UNREADABLE, ImageDataset, stratified_indices
 from kiln.errors import DataError
 from kiln.sources import SourceData
 from kiln.sources.archives import ARCHIVE_HINT, open_archive
@@ -234,7 +234,7 @@ def _keep_usable(
     for file in files:
         result = decoded[file.path]
         if isinstance(result, str):
-            skipped.append({"source": file.source, "reason": result})
+            skipped.append({"source": file.source, "reason": result, "kind": UNREADABLE})
             failure_in.setdefault(file.class_folder, f"{file.source}: {result}")
         else:
             usable.append((file, result))

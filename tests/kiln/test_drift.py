@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from kiln.config import RetrainPolicy
-from kiln.drift import compare_datasets, decide_retrain
+from kiln.drift import ChannelStats, compare_datasets, decide_retrain, drift_findings
 
 CLASSES = ["cat", "dog"]
 
@@ -66,3 +66,19 @@ def test_renamed_classes_are_a_reason_to_retrain():
     comparison = compare_datasets(old, CLASSES, old, ["cat", "fox"])
     assert comparison.classes_changed and comparison.label_js_distance > 0.5
     assert "the class list changed" in decide_retrain(comparison, RetrainPolicy()).reasons
+
+
+def test_a_colour_cast_in_one_channel_is_caught_per_channel_where_the_image_mean_hides_it():
+    rng = np.random.default_rng(0)
+    images = rng.integers(40, 200, size=(300, 4, 4, 3), dtype=np.uint8)
+    cast = images.copy()
+    cast[..., 0] = np.clip(cast[..., 0].astype(int) + 40, 0, 255).astype(np.uint8)  # redder
+    cast[..., 2] = np.clip(cast[..., 2].astype(int) - 40, 0, 255).astype(np.uint8)  # and less blue: same mean
+    old = reference(300)
+    new = old.assign(content_hash=[f"c{index}" for index in range(300)])
+    whole_image_only = compare_datasets(old, CLASSES, new, CLASSES)
+    per_channel = compare_datasets(old, CLASSES, new, CLASSES, ChannelStats.of(images), ChannelStats.of(cast))
+    assert whole_image_only.brightness_ks == 0
+    assert per_channel.channel_brightness_ks[0] > 0.5 and per_channel.channel_brightness_ks[2] > 0.5
+    assert per_channel.channel_brightness_ks[1] == 0 and per_channel.brightness_ks > 0.5
+    assert drift_findings(per_channel, RetrainPolicy())[0].startswith("brightness drifted: KS statistic")

@@ -55,10 +55,21 @@ def test_more_and_darker_images_are_measured_and_trigger_a_retrain(store, bundle
     assert comparison.train_samples == 120 and comparison.new_samples == 120 and not comparison.classes_changed
     assert comparison.brightness_ks > 0.5
     text = decision_markdown(decision, store.lookup("download", bundles.good.dataset.key))
-    assert "| new / removed training images | 120 / 72 |" in text and "brightness (KS statistic" in text
+    assert "| new / removed training images | 120 / 72 |" in text and "brightness (largest KS statistic" in text
+    assert "| brightness KS per channel | 1.0000, 1.0000, 1.0000 |" in text
 
 
 def test_with_the_registry_off_there_is_nothing_to_compare(store, bundles):
     dataset = promote_good(store, bundles)
     off = PackageConfig(registry=False)
     assert detect_change(RetrainPolicy(), off, dataset, store).retrain
+
+
+def test_validate_measures_drift_against_the_data_production_was_trained_on(store, bundles):
+    from tasks.validate import find_reference_data
+
+    assert find_reference_data(store, PACKAGE) is None  # nothing in production yet
+    dataset = promote_good(store, bundles)
+    assert find_reference_data(store, PACKAGE) == dataset
+    assert find_reference_data(store, PackageConfig(registry=False)) is None
+    assert find_reference_data(store, PackageConfig(model_name="another-model")) is None

@@ -45,8 +45,10 @@ def test_good_dataset_passes_with_results_summary_and_data_docs(store, dataset_r
     assert summary["success"] is True
     assert summary["counts"] == {"train": 72, "test": 24}
     assert summary["samples_per_class"]["test"] == {"class_0": 8, "class_1": 8, "class_2": 8}
-    # table-level: schema, no nulls in each of the 10 columns, split values; 8 per split; kiln's count check per split
-    assert summary["expectations_evaluated"] == len(results) == 12 + 2 * 8 + 2
+    # table-level: schema, no nulls in each of the 10 columns, split values; 9 per split; kiln's count check per split,
+    # class balance, leakage, unreadable files (no reference: no drift check)
+    assert summary["expectations_evaluated"] == len(results) == 12 + 2 * 9 + 2 + 3
+    assert (summary["quarantined_files"], summary["leaked_test_samples"], "drift" in summary) == (0, 0, False)
     assert all(entry["success"] for entry in results)
     std_checks = [entry for entry in results if entry["column"] == "std" and "between" in entry["expectation"]]
     assert [entry["split"] for entry in std_checks] == ["train", "test"]
@@ -96,7 +98,7 @@ def test_class_missing_from_test_fails_naming_class_and_split_and_publishes_noth
         validate(ValidateConfig(), dataset_ref, store)
 
     message = str(failure.value)
-    assert "2 of 30 data checks failed" in message
+    assert "2 of 35 data checks failed" in message
     assert "test: expect_column_distinct_values_to_contain_set(label): missing values: 2 (class_2)" in message
     assert "test: kiln_min_samples_per_class(label): classes with fewer than 1 samples: class_2: 0" in message
     assert "train:" not in message
@@ -115,7 +117,7 @@ def test_too_few_samples_per_class_fails_the_kiln_count_check(store, dataset_ref
         validate(ValidateConfig(min_samples_per_class=10), dataset_ref, store)  # blobs: 24 train, 8 test per class
 
     message = str(failure.value)
-    assert "1 of 30 data checks failed" in message
+    assert "1 of 35 data checks failed" in message
     assert "test: kiln_min_samples_per_class(label): classes with fewer than 10 samples: class_0: 8, " in message
     assert "or lower validate.min_samples_per_class" in message
     assert _published_validate_outputs(store) == []
@@ -123,13 +125,13 @@ def test_too_few_samples_per_class_fails_the_kiln_count_check(store, dataset_ref
 
 def test_blank_images_beyond_mostly_fail_and_within_mostly_pass(store, blobs):
     train_images = blobs.train_images.copy()
-    train_images[:8] = 100  # 8 of 72 train images (11%) are constant: pixel std 0
+    train_images[:8] = np.arange(100, 108, dtype=np.uint8)[:, None, None, None]  # 8 of 72 (11%): constant, std 0
     dataset_ref = publish_dataset(store, _variant(blobs, "blobs-blank", train_images=train_images))
 
     with pytest.raises(ValidationFailed) as failure:
         validate(ValidateConfig(mostly=0.99), dataset_ref, store)
     message = str(failure.value)
-    assert "1 of 30 data checks failed" in message
+    assert "1 of 35 data checks failed" in message
     assert "train: expect_column_values_to_be_between(std): 8 unexpected rows (11.11% of rows)" in message
     assert "expected min_value=1.0, max_value=255.0, mostly=0.99" in message
     assert "'std': 0.0, 'source': 'blobs-blank:train:0'" in message
@@ -195,7 +197,7 @@ def test_task_reports_counts_and_a_file_uri_to_the_data_docs(store, dataset_ref,
 
     [(reported_ref, lines)] = reported
     assert reported_ref == ref
-    assert "- checks: 30 passed, 0 failed" in lines
+    assert "- checks: 35 passed, 0 failed" in lines
     assert "- train: 72 samples, at least 24 per class" in lines
     index_uri = (Path(ref.uri) / "data_docs" / "index.html").as_uri()
     assert f"- Data Docs: [{index_uri}]({index_uri})" in lines
@@ -207,3 +209,126 @@ def test_images_on_the_wrong_scale_fail_the_peak_pixel_check(store, blobs):
     with pytest.raises(ValidationFailed) as failure:
         validate(ValidateConfig(min_pixel_std=0.1), publish_dataset(store, dark), store)
     assert "expect_column_max_to_be_between(max)" in str(failure.value)
+
+
+def test_train_test_leakage_fails_with_counts_and_examples_unless_allowed(store, blobs):
+    leaky = _variant(blobs, "leaky", test_images=np.concatenate([blobs.train_images[:2], blobs.test_images[2:]]))
+    leaky_ref = publish_dataset(store, leaky)
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(), leaky_ref, store)
+
+    message = str(failure.value)
+    assert "1 of 35 data checks failed" in message
+    assert (
+        "test: kiln_no_train_test_leakage(content_hash): 2 test images (8.33%) are exact copies of training images "
+        "(limit 0.00%); e.g. leaky:test:0 = leaky:train:0, leaky:test:1 = leaky:train:1"
+    ) in message
+    assert "fix: remove those images from the test split (or from train)" in message
+    assert _published_validate_outputs(store) == []
+
+    ref = validate(ValidateConfig(max_leaked_fraction=0.1), leaky_ref, store)
+    assert read_json(store.materialize(ref) / "summary.json")["leaked_test_samples"] == 2
+
+
+def test_exact_duplicates_within_a_split_fail_beyond_the_allowed_share(store, blobs):
+    train_images = blobs.train_images.copy()
+    train_images[1] = train_images[0]  # 2 of 72 training images (2.8 %) have a copy
+    duplicated = publish_dataset(store, _variant(blobs, "dups", train_images=train_images))
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(), duplicated, store)
+
+    message = str(failure.value)
+    assert "train: expect_column_values_to_be_unique(content_hash): 2 unexpected rows (2.78% of rows)" in message
+    assert "'source': 'dups:train:0'}" in message and "'source': 'dups:train:1'}" in message
+    assert "fix: remove the duplicated images from the source (the examples name some)" in message
+    validate(ValidateConfig(max_duplicate_fraction=0.05), duplicated, store)  # passes
+
+
+def test_class_imbalance_beyond_the_ratio_fails(store, blobs):
+    keep = np.flatnonzero((blobs.train_labels != 0) | (np.arange(len(blobs.train_labels)) % 12 == 0))  # class_0: 2
+    lopsided = _variant(blobs, "lopsided", train_images=blobs.train_images[keep], train_labels=blobs.train_labels[keep])
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(), publish_dataset(store, lopsided), store)
+    message = str(failure.value)
+    assert "train: kiln_class_balance(label): the largest class has 12.0x the samples of the smallest (limit 10.0)" in message
+    assert "class_0: 2" in message and "or raise validate.max_class_ratio" in message
+
+
+def _with_unreadable_files(store: ArtifactStore, blobs: ImageDataset) -> ArtifactRef:
+    skipped = [
+        {"source": "cat/broken.jpg", "reason": "corrupt or truncated image (OSError: image file is truncated)",
+         "kind": "unreadable"},
+        {"source": "README.txt", "reason": "not inside a class folder"},
+    ]  # fmt: skip
+    return Stage("download", "kiln.dataset").produce(
+        store, DataConfig(source="imagefolder", uri="fixture://unreadable"), {},
+        lambda out_dir: write_dataset(out_dir, blobs, skipped),
+    )  # fmt: skip
+
+
+def test_unreadable_files_are_quarantined_and_listed_by_default(store, blobs):
+    ref = validate(ValidateConfig(), _with_unreadable_files(store, blobs), store)
+
+    directory = store.materialize(ref)
+    quarantine = pd.read_csv(directory / "quarantine.csv")
+    assert quarantine.to_dict("records") == [
+        {"source": "cat/broken.jpg", "reason": "corrupt or truncated image (OSError: image file is truncated)"}
+    ]  # the loose README is not a bad sample: it was never part of the dataset
+    assert read_json(directory / "summary.json")["quarantined_files"] == 1
+    assert store.manifest(ref).metrics["quarantined_files"] == 1
+
+
+def test_unreadable_files_fail_the_stage_when_the_policy_says_so(store, blobs):
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(on_bad_sample="fail"), _with_unreadable_files(store, blobs), store)
+    message = str(failure.value)
+    assert (
+        "all: kiln_no_unreadable_files(source): 1 files in class folders could not be decoded; e.g. "
+        "cat/broken.jpg: corrupt or truncated image"
+    ) in message
+    assert "fix: replace or delete the listed files, or set validate.on_bad_sample=quarantine" in message
+    assert _published_validate_outputs(store) == []
+
+
+def test_drift_from_the_reference_data_is_measured_per_channel_and_warned_or_failed_by_policy(store, blobs):
+    reference = publish_dataset(store, blobs)
+    tinted = blobs.train_images.copy()
+    tinted[..., 0] = tinted[..., 0] // 3  # much less red
+    current = publish_dataset(store, _variant(blobs, "tinted", train_images=tinted))
+
+    ref = validate(ValidateConfig(), current, store, reference)
+
+    directory = store.materialize(ref)
+    drift = read_json(directory / "drift.json")
+    assert drift["reference"]["digest"] == reference.digest
+    assert drift["comparison"]["channel_brightness_ks"][0] > 0.5 and drift["comparison"]["channel_brightness_ks"][1] == 0
+    assert drift["findings"][0].startswith("brightness drifted: KS statistic")
+    assert store.manifest(ref).inputs["reference"]["digest"] == reference.digest
+    assert validate(ValidateConfig(), current, store).key != ref.key  # the reference is part of what is validated
+
+    with pytest.raises(ValidationFailed) as failure:
+        validate(ValidateConfig(on_drift="fail"), current, store, reference)
+    message = str(failure.value)
+    assert "train: kiln_drift_vs_reference(): against production's data: brightness drifted: KS statistic" in message
+    assert "set validate.on_drift=warn or raise the validate.max_* drift limits" in message
+
+    same = validate(ValidateConfig(on_drift="fail"), reference, store, reference)
+    assert read_json(store.materialize(same) / "drift.json")["findings"] == []
+
+
+def test_task_reports_quarantine_leakage_and_drift(store, blobs, monkeypatch):
+    reported: list[list[str]] = []
+    monkeypatch.setattr(validate_module, "report", lambda _ref, _store, _title, lines: reported.append(lines))
+    reference = publish_dataset(store, blobs)
+    darker = publish_dataset(store, _variant(blobs, "darker", train_images=blobs.train_images // 2))
+
+    validate_task.fn(ValidateConfig(), darker, StoreConfig(root=store.url), reference)
+
+    [lines] = reported
+    assert "- unreadable files quarantined (left out, listed in quarantine.csv): 0" in lines
+    assert "- test images also in train (leakage): 0" in lines
+    drift_line = next(line for line in lines if line.startswith("- drift against production's data"))
+    assert "brightness drifted" in drift_line and "contrast drifted" in drift_line
+    assert any(line.startswith("  | brightness KS per channel |") for line in lines)

@@ -1,0 +1,1 @@
+"""The bad-input catalog: what kiln does with each kind of wrong input (the list is in conftest.py)."""

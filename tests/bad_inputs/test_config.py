@@ -1,0 +1,152 @@
+"""Bad configuration: each case is one ConfigError naming the key, the bad value and what is accepted, raised before
+anything touches the store; through `kiln run` it is a short message on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kiln.config import load_config
+from kiln.errors import ConfigError
+from tests.bad_inputs.conftest import fails_cleanly
+
+TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum, label_smoothing, validation_fraction, "
+              "schedule, device, precision, num_workers, seed")  # fmt: skip
+MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
+KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> Path:
+    """Where the config under test points the store; a ConfigError must leave it uncreated."""
+    return tmp_path / "store"
+
+
+def config_fails(store_root: Path, expected_message: str, *, profile="quickstart", config_file=None, overrides=()):
+    """load_config raises a ConfigError worded exactly `expected_message`, before anything creates the store."""
+    with fails_cleanly(store_root, ConfigError) as raised:
+        load_config(profile, config_file, [*overrides, f"store.root={store_root}"])
+    assert str(raised.value) == expected_message
+    assert not store_root.exists()
+
+
+def test_bad_yaml_syntax_in_the_config_file(store_root, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(MISINDENTED_YAML)
+    config_fails(
+        store_root,
+        f"config file {config_file} is not valid YAML at line 3, column 2: expected <block end>, but found "
+        "'<block mapping start>'; fix the syntax",
+        profile=None, config_file=config_file,
+    )  # fmt: skip
+
+
+def test_unknown_key(store_root):
+    config_fails(
+        store_root,
+        f"invalid configuration:\n  train.epoch: unknown key; valid keys here: {TRAIN_KEYS}",
+        overrides=["train.epoch=3"],
+    )
+
+
+def test_negative_epochs(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.epochs: Input should be greater than or equal to 1 (got '-1')",
+        overrides=["train.epochs=-1"],
+    )
+
+
+def test_learning_rate_nan(store_root, tmp_path):
+    # NaN fails the `gt=0` bound before the finiteness check runs, so the message speaks of the bound.
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.lr: Input should be greater than 0 (got 'NaN')",
+        overrides=["train.lr=NaN"],
+    )
+    config_file = tmp_path / "nan.yaml"
+    config_file.write_text("train:\n  lr: .nan\n")  # YAML's own NaN arrives as a float, not as text
+    config_fails(
+        store_root, "invalid configuration:\n  train.lr: Input should be greater than 0 (got nan)",
+        config_file=config_file,
+    )  # fmt: skip
+
+
+def test_unknown_model(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet' or 'resnet9' (got 'vgg')",
+        overrides=["train.model=vgg"],
+    )
+
+
+def test_unknown_profile(store_root):
+    config_fails(
+        store_root,
+        "unknown profile 'nope'; choose one of: quickstart, cifar10, mnist, imagefolder",
+        profile="nope",
+    )
+
+
+def test_wrong_type(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.epochs: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'many')",
+        overrides=["train.epochs=many"],
+    )
+
+
+# --- through the `kiln` command -----------------------------------------------------------------------------------
+def kiln_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kiln run ARGS` in a fresh folder with a private Prefect home, as a user would type it."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return subprocess.run(
+        [str(KILN_COMMAND), "run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_refused_before_running(result: subprocess.CompletedProcess[str], tmp_path: Path, store_root: Path) -> None:
+    assert result.returncode == 2  # the CLI's status for a ConfigError (1 is for other kiln errors)
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    written = {path.name for path in tmp_path.iterdir()} - {"run.yaml"}  # the test's own config file
+    assert written == set()  # neither the configured store nor the default ./artifacts, nor a Prefect home
+
+
+def test_cli_negative_epochs(tmp_path, store_root):
+    result = kiln_run(
+        tmp_path, "--profile", "quickstart", "--set", "train.epochs=-1", "--set", f"store.root={store_root}"
+    )
+
+    assert result.stderr.splitlines() == [
+        "kiln: error: invalid configuration:",
+        "  train.epochs: Input should be greater than or equal to 1 (got '-1')",
+    ]
+    assert_refused_before_running(result, tmp_path, store_root)
+
+
+def test_cli_bad_yaml_syntax(tmp_path, store_root):
+    (tmp_path / "run.yaml").write_text(MISINDENTED_YAML)
+
+    result = kiln_run(tmp_path, "--config", "run.yaml", "--set", f"store.root={store_root}")
+
+    assert result.stderr.splitlines() == [
+        "kiln: error: config file run.yaml is not valid YAML at line 3, column 2: expected <block end>, but found "
+        "'<block mapping start>'; fix the syntax"
+    ]
+    assert_refused_before_running(result, tmp_path, store_root)
+
+
+def test_cli_unknown_profile(tmp_path, store_root):
+    result = kiln_run(tmp_path, "--profile", "nope", "--set", f"store.root={store_root}")
+
+    assert result.stderr.splitlines()[-1] == (
+        "kiln run: error: argument --profile: invalid choice: 'nope' "
+        "(choose from 'quickstart', 'cifar10', 'mnist', 'imagefolder')"
+    )  # argparse: the usage lines, then this one
+    assert_refused_before_running(result, tmp_path, store_root)
