@@ -38,7 +38,7 @@ def training_pipeline(config: PipelineConfig = load_config("quickstart")) -> dic
     """
     store = config.store
     dataset = download_task(config.data, store)
-    reference = find_reference_data_task(config.package, store)  # production's data, to measure drift against
+    reference = find_reference_data_task(config.package, dataset, store)  # production's data, to measure drift against
     validation = validate_task(config.validation, dataset, store, reference)
     policy = augment_task(config.augment, dataset, store)
     model = train_task(config.train, dataset, policy, store)

@@ -37,7 +37,12 @@ class DataConfig(Section):
     not_in_key = frozenset({"timeout_s", "max_archive_bytes"})
     source: DatasetSource = Field("digits", description="which loader the download stage uses")
     uri: str | None = Field(
-        None, description="imagefolder: folder, .tar.gz/.zip or http(s) URL; torchvision sets: mirror base URL",
+        None,
+        description="imagefolder: folder, .tar.gz/.zip, http(s) URL of one, or a .csv manifest (path,label[,split]); "
+        "torchvision sets: mirror base URL",
+    )
+    classes: list[str] | None = Field(
+        None, description="CSV manifest: the allowed labels, in class-index order (None: the sorted distinct labels)",
     )
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share when the source has no test split")
     image_size: int | None = Field(None, ge=4, le=1024, description="resize imagefolder images to this square size")
@@ -120,11 +125,16 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     seed: int = 0
 
-    @field_validator("lr", "weight_decay", "momentum", "label_smoothing")
+    @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
+    def _finite(cls, value: Any) -> Any:
+        # Before the range checks, which would otherwise answer "NaN" with "should be greater than 0".
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return value  # not a number at all: the float type check reports it
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number, e.g. 0.001")
         return value
 
 
@@ -172,6 +182,10 @@ class PackageConfig(Section):
 
 class StoreConfig(Section):
     root: str = Field("artifacts", description="any fsspec URL: a local path, memory://..., s3://bucket/prefix")
+    on_corrupt: Literal["recompute", "stop"] = Field(
+        "recompute",
+        description="a stored output whose files no longer match their sha256: set it aside and recompute, or stop",
+    )
 
 
 class RetrainPolicy(DriftLimits):
@@ -235,7 +249,7 @@ def _check_cross_section(config: PipelineConfig) -> None:
     if config.data.source == "imagefolder" and not config.data.uri:
         raise ConfigError(
             "data.uri is required when data.source is imagefolder: "
-            "pass --set data.uri=PATH_OR_URL (a folder, .tar.gz/.zip archive or http(s) URL)"
+            "pass --set data.uri=PATH_OR_URL (a folder, .tar.gz/.zip archive, http(s) URL or .csv manifest)"
         )
     # Caught here rather than at the registry step, after a whole training run.
     if config.package.registry and fsspec.utils.get_protocol(config.store.root) not in ("file", "local"):

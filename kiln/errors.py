@@ -6,7 +6,7 @@ The three a deployment bundle can raise at run time are defined in kiln.runtime.
 from kiln.runtime.errors import BundleError, IntegrityError, KilnError
 
 __all__ = ["BundleError", "ConfigError", "DataError", "DownloadError", "ExportError", "GateFailed", "IntegrityError",
-           "KilnError", "ValidationFailed"]  # fmt: skip
+           "KilnError", "StorageFull", "ValidationFailed"]  # fmt: skip
 
 
 class ConfigError(KilnError):
@@ -27,6 +27,10 @@ class ValidationFailed(KilnError):
 
 class GateFailed(KilnError):
     """The trained model did not pass the evaluation gate (e.g. accuracy below evaluate.min_accuracy)."""
+
+
+class StorageFull(KilnError):
+    """The disk (or quota) under store.root filled up while a stage wrote its output; nothing was published."""
 
 
 class ExportError(KilnError):

@@ -1,16 +1,19 @@
 """What every stage shares: how its output is keyed, looked up, built and published.
 
 A stage's pure function calls `Stage.produce(store, config, inputs, build)`. If the store already holds the output
-for that key it is reused; otherwise `build(out_dir)` writes files into an empty local directory and returns metrics,
-and the directory is published atomically with its manifest.
+for that key, and every file still matches its sha256, it is reused; otherwise `build(out_dir)` writes files into an
+empty local directory and returns metrics, and the directory is published atomically with its manifest. A stored
+output that fails its checksums is set aside and rebuilt, or stops the run, by the store's `on_corrupt` policy.
 """
 
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import importlib.util
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +25,11 @@ from typing import Any
 from pydantic import BaseModel
 
 import kiln
+from kiln.errors import IntegrityError, StorageFull
 from kiln.store import ArtifactRef, ArtifactStore
+
+LOGGER = logging.getLogger("kiln")
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 BuildFn = Callable[[Path], dict[str, Any] | None]
 
@@ -62,33 +69,64 @@ class Stage:
         inputs: Mapping[str, ArtifactRef],
         build: BuildFn,
     ) -> ArtifactRef:
-        """Reuse the stored output for this key, or build and publish it."""
+        """Reuse the stored output for this key if it is intact, or build and publish it.
+
+        Raises IntegrityError for a corrupt stored output when the store's policy is "stop", and StorageFull when
+        the disk fills up while building.
+        """
         key = self.key(config, inputs)
         existing = store.lookup(self.name, key)
-        if existing is not None:
+        if existing is not None and self._intact(store, existing, set_aside=False):
             return existing.model_copy(update={"reused": True})
         with store.building(self.name, key):
             existing = store.lookup(self.name, key)  # a concurrent run may have published it while we waited
-            if existing is not None:
+            if existing is not None and self._intact(store, existing, set_aside=True):
                 return existing.model_copy(update={"reused": True})
             return self._build(store, key, config, inputs, build)
+
+    def _intact(self, store: ArtifactStore, ref: ArtifactRef, *, set_aside: bool) -> bool:
+        """Whether a stored output still matches its manifest. A corrupt one raises under the "stop" policy;
+        otherwise it is moved aside (only while holding the build lock, `set_aside`) so that it is rebuilt."""
+        try:
+            store.verify(ref)
+            return True
+        except IntegrityError as error:
+            if store.on_corrupt == "stop":
+                raise IntegrityError(
+                    f"{self.name}: the stored output is corrupt and store.on_corrupt is 'stop': {error}, or set "
+                    f"store.on_corrupt=recompute"
+                ) from None
+            if set_aside:
+                where = store.set_aside(ref)
+                LOGGER.warning(f"{self.name}: {error}. Recomputing it; the corrupt copy was moved to {where}")
+            return False
 
     def _build(
         self, store: ArtifactStore, key: str, config: BaseModel, inputs: Mapping[str, ArtifactRef], build: BuildFn
     ) -> ArtifactRef:
         started_at = time.time()
-        with store.staging(self.name) as out_dir:
-            metrics = build(out_dir) or {}
-            return store.publish(
-                self.name,
-                key,
-                out_dir,
-                code_version=self.code_version(),
-                inputs=dict(inputs),
-                config=config.model_dump(mode="json"),
-                metrics=metrics,
-                started_at=started_at,
-            )
+        try:
+            with store.staging(self.name) as out_dir:
+                metrics = build(out_dir) or {}
+                return store.publish(
+                    self.name,
+                    key,
+                    out_dir,
+                    code_version=self.code_version(),
+                    inputs=dict(inputs),
+                    config=config.model_dump(mode="json"),
+                    metrics=metrics,
+                    started_at=started_at,
+                )
+        except OSError as error:
+            if error.errno not in _DISK_FULL:
+                raise
+            where = f" ({error.filename})" if error.filename else ""
+            raise StorageFull(
+                f"{self.name}: the disk under store.root={store.url} is full{where}; nothing was published and the "
+                f"partial output was removed. Free space there (old outputs under it can be deleted), or point "
+                f"store.root at a larger disk with --set store.root=PATH"
+            ) from None
 
 
 _CODE_VERSION_LOCK = threading.Lock()

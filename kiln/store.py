@@ -4,10 +4,12 @@ Layout under the root (any fsspec URL; a plain path is local):
 
     <root>/<stage>/<key>/            files the stage wrote + manifest.json
     <root>/<stage>/.tmp-<key>-<id>/  a local write in progress (renamed into place when complete)
+    <root>/.corrupt/<stage>-<key>-<time>/  an output whose files stopped matching their sha256, set aside
 
 `key` hashes what produced the output (stage, config section, input digests, code version); `digest` hashes what it
 contains (every file's name and sha256). A reader trusts only a directory whose manifest.json exists, and verifies
-every file's sha256 before use. Local writes are atomic by directory rename; on other filesystems the files are
+every file's sha256 before use; a stage about to reuse an output verifies it first and, by `on_corrupt`, sets a
+corrupt one aside and recomputes it ("recompute") or stops with the file named ("stop"). Local writes are atomic by directory rename; on other filesystems the files are
 uploaded first and the manifest last, so a reader never sees a half-written output.
 """
 
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -39,6 +41,8 @@ from kiln.runtime.checksums import verify_files as verify_checksums
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
+CORRUPT_DIR = ".corrupt"  # <root>/.corrupt/: corrupt outputs set aside for inspection, never read by kiln
+OnCorrupt = Literal["recompute", "stop"]
 LOCKS_DIR = ".locks"  # <root>/.locks/<stage>-<key>.lock: one build per output at a time (local stores)
 LOGGER = logging.getLogger("kiln")
 _TRACKED_DISTRIBUTIONS = (
@@ -120,8 +124,9 @@ def library_versions() -> dict[str, str]:
 class ArtifactStore:
     """Reads and writes stage outputs under one fsspec root. Holds no state besides the root."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], on_corrupt: OnCorrupt = "recompute"):
         root_text = str(root)
+        self.on_corrupt = on_corrupt
         try:
             self.fs, path = fsspec.core.url_to_fs(root_text)
         except (ImportError, ValueError) as error:  # e.g. s3:// without s3fs installed
@@ -271,6 +276,38 @@ class ArtifactStore:
         path = base / ".scratch" / stage / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def verify(self, ref: ArtifactRef) -> None:
+        """Check every file of a stored output against its manifest; IntegrityError naming the first bad file."""
+        manifest = self.manifest(ref)
+        if self.is_local:
+            verify_files(Path(self._path_of(ref)), manifest.files)
+            return
+        path = self._path_of(ref)
+        for entry in manifest.files:
+            try:
+                with self.fs.open(f"{path}/{entry.path}", "rb") as handle:
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            except FileNotFoundError:
+                digest = "missing"
+            if digest != entry.sha256:
+                raise IntegrityError(
+                    f"{path}/{entry.path} is corrupted: sha256 {digest[:12]}… differs from the manifest's "
+                    f"{entry.sha256[:12]}…; delete {ref.uri} so the stage is recomputed"
+                )
+
+    def set_aside(self, ref: ArtifactRef) -> str:
+        """Move a corrupt output out of the way (manifest first, so no reader trusts it meanwhile); returns where."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        destination = f"{self.root}/{CORRUPT_DIR}/{ref.stage}-{ref.key}-{stamp}"
+        source = self._path_of(ref)
+        if self.is_local:
+            Path(destination).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source, destination)  # one rename: the manifest leaves with the files
+        else:
+            self.fs.rm(f"{source}/{MANIFEST_NAME}")
+            self.fs.mv(source, destination, recursive=True)
+        return destination if self.is_local else f"{self.url}/{CORRUPT_DIR}/{destination.rsplit('/', 1)[-1]}"
 
     # --- reading ----------------------------------------------------------------------------------------------
     def materialize(self, ref: ArtifactRef, cache_dir: Path | None = None) -> Path:

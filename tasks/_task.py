@@ -25,6 +25,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_run_logger
 
 from kiln.config import StoreConfig
+from kiln.errors import IntegrityError
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore
 
@@ -94,16 +95,25 @@ def _cache_key_fn(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
     def cache_key(_context: Any, parameters: dict[str, Any]) -> str | None:
         inputs = {name: value for name, value in parameters.items() if isinstance(value, ArtifactRef)}
         key = stage.key(parameters["config"], inputs)
-        store = ArtifactStore(_store_config(parameters).root)
+        store_config = _store_config(parameters)
+        store = ArtifactStore(store_config.root, store_config.on_corrupt)
         stored = store.lookup(stage.name, key)
-        if stored is None:
-            return None
+        if stored is None or not _intact(store, stored):
+            return None  # run the task: its stage rebuilds the output (or stops, by store.on_corrupt)
         # Prefect's result records outlive any one store: naming the store and the stored digest in the cache key
         # means a cached reference always points at exactly the content this store holds now.
         where = hashlib.sha256(store.url.encode()).hexdigest()[:12]
         return f"kiln-{stage.name}-{key}-{stored.digest[:16]}-{where}"
 
     return cache_key
+
+
+def _intact(store: ArtifactStore, ref: ArtifactRef) -> bool:
+    try:
+        store.verify(ref)
+        return True
+    except IntegrityError:
+        return False
 
 
 def _store_config(parameters: dict[str, Any]) -> StoreConfig:
@@ -117,7 +127,7 @@ def in_prefect_run() -> bool:
 
 def report(ref: ArtifactRef, store: StoreConfig, title: str, lines: list[str] | None = None) -> None:
     """Publish a short markdown Prefect artifact for a stage output (skipped outside a Prefect run)."""
-    manifest = ArtifactStore(store.root).manifest(ref)
+    manifest = ArtifactStore(store.root, store.on_corrupt).manifest(ref)
     status = "reused from the store" if ref.reused else f"computed in {manifest.duration_s:.1f} s"
     body = [f"## {title}", "", f"- output: `{ref.uri}` ({status})", f"- content digest: `{ref.digest[:16]}`"]
     body += lines or []

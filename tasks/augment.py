@@ -45,8 +45,8 @@ def augment(config: AugmentConfig, dataset: ArtifactRef, store: ArtifactStore) -
 @stage_task(STAGE)
 def augment_task(config: AugmentConfig, dataset: ArtifactRef, store: StoreConfig) -> ArtifactRef:
     """Save the augmentation policy and its preview."""
-    ref = augment(config, dataset, ArtifactStore(store.root))
-    metrics = ArtifactStore(store.root).manifest(ref).metrics
+    ref = augment(config, dataset, ArtifactStore(store.root, store.on_corrupt))
+    metrics = ArtifactStore(store.root, store.on_corrupt).manifest(ref).metrics
     report(ref, store, "Augmentation policy", [f"- policy: `{metrics['policy']}` ({', '.join(metrics['ops']) or 'no ops'})",
                                               f"- preview: `{ref.uri}/{REPORT_DIR}/preview.png`"])
     return ref

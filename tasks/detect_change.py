@@ -53,7 +53,7 @@ def detect_change_task(
     policy: RetrainPolicy, package: PackageConfig, dataset: ArtifactRef, store: StoreConfig
 ) -> dict[str, Any]:
     """Decide whether to retrain; publish the decision."""
-    decision = detect_change(policy, package, dataset, ArtifactStore(store.root))
+    decision = detect_change(policy, package, dataset, ArtifactStore(store.root, store.on_corrupt))
     LOGGER.info(f"retrain decision: {decision.summary}")
     if in_prefect_run():
         create_markdown_artifact(markdown=decision_markdown(decision, dataset), key="kiln-retrain-decision",

@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from prefect.context import TaskRunContext
+
 from kiln.config import DataConfig, StoreConfig
 from kiln.dataset import write_dataset
 from kiln.errors import DownloadError
@@ -51,9 +53,18 @@ def retry_on_download_error(task: Any, task_run: Any, state: Any) -> bool:
 @stage_task(STAGE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_download_error)
 def download_task(config: DataConfig, store: StoreConfig) -> ArtifactRef:
     """Download and publish the dataset; retried on transient network failures."""
-    artifact_store = ArtifactStore(store.root)
+    artifact_store = ArtifactStore(store.root, store.on_corrupt)
     progress = Progress("kiln-download-progress", f"Reading {config.source} {config.uri or ''}".strip())
-    ref = download(config, artifact_store, progress.report)
+    try:
+        ref = download(config, artifact_store, progress.report)
+    except DownloadError as error:
+        context = TaskRunContext.get()
+        if context is not None and context.task_run.run_count > context.task.retries:
+            raise DownloadError(
+                f"{error}. Gave up after {context.task_run.run_count} attempts: try again later, or point data.uri at "
+                "another mirror"
+            ) from None
+        raise
     progress.update(1.0, f"{config.source}: {'reused from the store' if ref.reused else 'read and published'}", "done")
     metrics = artifact_store.manifest(ref).metrics
     classes = metrics.get("classes", [])

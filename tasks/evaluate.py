@@ -79,7 +79,7 @@ def check_gate(config: EvaluateConfig, evaluation: ArtifactRef, store: ArtifactS
 @stage_task(STAGE)
 def evaluate_task(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactRef, store: StoreConfig) -> ArtifactRef:
     """Score the model on the test split."""
-    artifact_store = ArtifactStore(store.root)
+    artifact_store = ArtifactStore(store.root, store.on_corrupt)
     ref = evaluate(config, model, dataset, artifact_store)
     metrics = artifact_store.manifest(ref).metrics
     verdict = "blessed" if metrics["blessed"] else "NOT blessed"
@@ -97,4 +97,4 @@ def evaluate_task(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactR
 @forward_kiln_logs
 def gate_task(config: EvaluateConfig, evaluation: ArtifactRef, store: StoreConfig) -> bool:
     """Stop the pipeline here if the model is not blessed (unless configured to continue)."""
-    return check_gate(config, evaluation, ArtifactStore(store.root))
+    return check_gate(config, evaluation, ArtifactStore(store.root, store.on_corrupt))

@@ -152,8 +152,8 @@ def _gate(parity: dict[str, Any], config: ExportConfig, path: Path) -> None:
 @stage_task(STAGE)
 def export_task(config: ExportConfig, model: ArtifactRef, dataset: ArtifactRef, store: StoreConfig) -> ArtifactRef:
     """Export the trained model to ONNX and check its parity with PyTorch."""
-    ref = export(config, model, dataset, ArtifactStore(store.root))
-    metrics = ArtifactStore(store.root).manifest(ref).metrics
+    ref = export(config, model, dataset, ArtifactStore(store.root, store.on_corrupt))
+    metrics = ArtifactStore(store.root, store.on_corrupt).manifest(ref).metrics
     report(
         ref,
         store,

@@ -161,7 +161,7 @@ def register_task(
     store: StoreConfig,
 ) -> dict[str, Any]:
     """Add the bundle to the model registry and promote it to production or staging."""
-    decision = register(config, dataset, bundle, evaluation, ArtifactStore(store.root))
+    decision = register(config, dataset, bundle, evaluation, ArtifactStore(store.root, store.on_corrupt))
     if in_prefect_run():
         create_markdown_artifact(markdown=_markdown(decision), key="kiln-registry", description="Model registry")
     return decision

@@ -104,12 +104,12 @@ def train_task(config: TrainConfig, dataset: ArtifactRef, policy: ArtifactRef, s
         LOGGER.info(summary)
         progress.update(row["epoch"] / config.epochs, f"Training {config.model}: {summary}")
 
-    ref = train(config, dataset, policy, ArtifactStore(store.root), on_epoch=log_epoch)
-    metrics = ArtifactStore(store.root).manifest(ref).metrics
+    ref = train(config, dataset, policy, ArtifactStore(store.root, store.on_corrupt), on_epoch=log_epoch)
+    metrics = ArtifactStore(store.root, store.on_corrupt).manifest(ref).metrics
     report(ref, store, "Training", [
         f"- model: `{metrics['model']}` ({metrics['parameters']:,} parameters) on {metrics['device']} ({metrics['precision']})",
         f"- {metrics['epochs']} epochs in {metrics['train_seconds']} s; final validation accuracy {metrics['final_val_accuracy']}",
     ])  # fmt: skip
-    history = pd.read_csv(ArtifactStore(store.root).materialize(ref) / "history.csv")
+    history = pd.read_csv(ArtifactStore(store.root, store.on_corrupt).materialize(ref) / "history.csv")
     report_table("kiln-training-history", history.to_dict(orient="records"), "Per-epoch training history")
     return ref

@@ -54,8 +54,6 @@ def validate(
 
     Raises ValidationFailed (and publishes nothing) when any expectation or kiln check fails.
     """
-    if reference is not None and reference.digest == dataset.digest:
-        reference = None  # production's own data cannot drift from itself; keep the key of a reference-free check
     inputs = {"dataset": dataset, **({"reference": reference} if reference is not None else {})}
     key = STAGE.key(config, inputs)
 
@@ -100,13 +98,15 @@ def validate(
     return STAGE.produce(store, config, inputs, build)
 
 
-def find_reference_data(store: ArtifactStore, package: PackageConfig) -> ArtifactRef | None:
-    """The dataset `package.model_name`'s production version was trained on, if the registry is on, has one, and
-    the store still holds its data."""
+def find_reference_data(store: ArtifactStore, package: PackageConfig, dataset: ArtifactRef) -> ArtifactRef | None:
+    """The dataset `package.model_name`'s production version was trained on, if the registry is on, has one, the
+    store still holds its data, and it is not `dataset` itself (which cannot drift from itself: validating it
+    without a reference keeps the validate output of the run that trained production)."""
     if not package.registry:
         return None
     production = production_version(store, package.model_name)
-    return trained_on(store, production) if production is not None else None
+    reference = trained_on(store, production) if production is not None else None
+    return reference if reference is not None and reference.digest != dataset.digest else None
 
 
 def _unexpected(results: list[dict[str, Any]], expectation: str) -> int:
@@ -117,9 +117,9 @@ def _unexpected(results: list[dict[str, Any]], expectation: str) -> int:
 # The Prefect task
 # ----------------------------------------------------------------------------------------------------------------
 @task(name="find-reference-data", cache_policy=NO_CACHE, persist_result=False)
-def find_reference_data_task(package: PackageConfig, store: StoreConfig) -> ArtifactRef | None:
+def find_reference_data_task(package: PackageConfig, dataset: ArtifactRef, store: StoreConfig) -> ArtifactRef | None:
     """Production's training data, to measure drift against (not cached: it follows the registry)."""
-    return find_reference_data(ArtifactStore(store.root), package)
+    return find_reference_data(ArtifactStore(store.root, store.on_corrupt), package, dataset)
 
 
 @stage_task(STAGE)
@@ -127,7 +127,7 @@ def validate_task(
     config: ValidateConfig, dataset: ArtifactRef, store: StoreConfig, reference: ArtifactRef | None = None
 ) -> ArtifactRef:
     """Validate the dataset with Great Expectations; fails the run with ValidationFailed on any failed check."""
-    artifact_store = ArtifactStore(store.root)
+    artifact_store = ArtifactStore(store.root, store.on_corrupt)
     ref = validate(config, dataset, artifact_store, reference)
     directory = artifact_store.materialize(ref)
     summary, results = read_json(directory / "summary.json"), read_json(directory / "results.json")

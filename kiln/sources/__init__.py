@@ -59,17 +59,21 @@ def limit_samples(dataset: ImageDataset, max_train: int | None, max_test: int | 
 def source_fingerprint(config: DataConfig) -> str:
     """A cheap fingerprint of a local imagefolder source's current content, so edits make a new stage key.
 
-    A folder: sha256 over every file's relative path, size and mtime. An archive: its path, size and mtime. URLs
-    and the built-in sets: "" (treated as immutable). A missing path: "" (loading it raises the error).
+    A folder: sha256 over every file's relative path, size and mtime. An archive: its path, size and mtime. A CSV
+    manifest: its bytes and every listed file's size and mtime. URLs and the built-in sets: "" (treated as
+    immutable). A missing path: "" (loading it raises the error).
     """
     if config.source != "imagefolder" or not config.uri:
         return ""
     from kiln.sources.http import is_url  # imported here: these modules import SourceData from this one
+    from kiln.sources.csv_manifest import is_csv_manifest, manifest_fingerprint
     from kiln.sources.imagefolder import folder_files, local_path
 
     if is_url(config.uri):
         return ""
     path = local_path(config.uri)
+    if path.is_file() and is_csv_manifest(config.uri):
+        return manifest_fingerprint(path)
     if path.is_file():
         info = path.stat()
         return hashlib.sha256(f"{path.resolve()}\t{info.st_size}\t{info.st_mtime_ns}".encode()).hexdigest()

@@ -64,7 +64,7 @@ class ArchiveContents:
         except _READ_ERRORS as error:
             raise DataError(
                 f"{self.path}: member {member.name!r} cannot be read ({error.__class__.__name__}: {error}); "
-                f"the archive is probably corrupt or truncated"
+                f"the archive is probably corrupt or truncated: re-create or re-download it"
             ) from None
         if len(data) > member.size:
             raise DataError(f"{self.path}: member {member.name!r} holds more than its declared size; refusing it")
@@ -102,7 +102,7 @@ def open_archive(archive: Path, max_bytes: int) -> Iterator[ArchiveContents]:
 
 def _unreadable(archive: Path, error: Exception) -> DataError:
     return DataError(
-        f"{archive} cannot be read ({error.__class__.__name__}: {error}); it is probably corrupt or truncated"
+        f"{archive} cannot be read ({error.__class__.__name__}: {error}); it is probably corrupt or truncated: re-create or re-download it"
     )
 
 

@@ -49,8 +49,12 @@ def fetch(
         error.close()
         raise _status_error(url, error.code, str(error.reason)) from None
     except urllib.error.URLError as error:  # refused, DNS failure, TLS failure, timeout while connecting
+        if isinstance(error.reason, TimeoutError):
+            raise _timed_out(url, timeout_s) from None
         raise DownloadError(f"cannot reach {url}: {error.reason}; check the address and the network") from None
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as error:  # during the body
+    except TimeoutError:  # during the body
+        raise _timed_out(url, timeout_s) from None
+    except (ConnectionError, http.client.HTTPException) as error:  # during the body
         raise DownloadError(f"downloading {url} failed: {error.__class__.__name__}: {error}") from None
     finally:
         partial.unlink(missing_ok=True)
@@ -78,6 +82,13 @@ def _copy_capped(
     return received
 
 
+def _timed_out(url: str, timeout_s: float) -> DownloadError:
+    return DownloadError(
+        f"{url} sent nothing for data.timeout_s={timeout_s:g} s; the server may be slow or down (transient failures "
+        f"are retried); if it is just slow, raise the limit with --set data.timeout_s=N"
+    )
+
+
 def _too_large(url: str, max_bytes: int, what: str) -> DataError:
     return DataError(
         f"{url} {what}, over data.max_archive_bytes={max_bytes:,}; "
@@ -87,5 +98,5 @@ def _too_large(url: str, max_bytes: int, what: str) -> DataError:
 
 def _status_error(url: str, status: int, reason: str) -> DataError | DownloadError:
     if status >= 500 or status in _TRANSIENT_STATUSES:
-        return DownloadError(f"{url} answered HTTP {status} {reason}; the server may recover, so this is retried")
+        return DownloadError(f"{url} answered HTTP {status} {reason}; the server may recover (transient failures are retried)")
     return DataError(f"{url} answered HTTP {status} {reason}; check data.uri (nothing is served at that address)")

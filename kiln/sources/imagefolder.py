@@ -1,5 +1,7 @@
 """The imagefolder source: a local folder, a local archive or an http(s) URL of one, laid out as class folders.
 
+A `.csv` data.uri is a manifest listing images and labels instead (kiln/sources/csv_manifest.py).
+
 Layouts (hidden entries and `__MACOSX` are ignored; everything may be wrapped in one top-level folder):
     train/<class>/...  +  test/<class>/...   (also training; testing, validation, val, valid)
     <class>/...                               split stratified by data.test_fraction and data.seed
@@ -24,6 +26,7 @@ from kiln.dataset import UNREADABLE, ImageDataset, stratified_indices
 from kiln.errors import DataError
 from kiln.sources import SourceData
 from kiln.sources.archives import ARCHIVE_HINT, open_archive
+from kiln.sources.csv_manifest import is_csv_manifest, load_csv_manifest
 from kiln.sources.http import fetch, is_url
 from kiln.decoding import decode_images
 from kiln.progress import ProgressCallback, ignore_progress
@@ -60,7 +63,7 @@ class _ImageFile:
 
 
 def load_imagefolder(config: DataConfig, on_progress: ProgressCallback = ignore_progress) -> SourceData:
-    """Read `config.uri` (folder, archive or URL of an archive) as a labelled image set.
+    """Read `config.uri` (folder, archive, URL of an archive, or a CSV manifest) as a labelled image set.
 
     Raises DataError for a missing path, an unsafe or unreadable archive, no or only one class, a class folder
     without usable images, and mixed image sizes when data.image_size is not set; DownloadError for transient
@@ -78,7 +81,11 @@ def load_imagefolder(config: DataConfig, on_progress: ProgressCallback = ignore_
         else:
             archive = local_path(uri)
             if not archive.exists():
-                raise DataError(f"data.uri {uri} does not exist; pass an existing folder, {ARCHIVE_HINT} or URL")
+                raise DataError(
+                    f"data.uri {uri} does not exist; pass an existing folder, {ARCHIVE_HINT}, CSV manifest or URL"
+                )
+            if is_csv_manifest(uri) and archive.is_file():
+                return load_csv_manifest(config, archive, on_progress)
             if archive.is_dir():
                 return _read_images(_folder_listing(archive), _folder_reader(archive), config, uri, [], on_progress)
         with open_archive(archive, config.max_archive_bytes) as contents:
@@ -138,7 +145,7 @@ def _read_images(
     _check_no_empty_class_folder(listing, layout, files, uri)
     decoded = decode_images(read(file.path for file in files), len(files), config.image_size, on_progress)
     usable = _keep_usable(files, decoded, skipped, uri)
-    images = _uniform_images(usable)
+    images = stack_uniform([(file.source, pixels) for file, pixels in usable])
     label_of = {class_name: label for label, class_name in enumerate(classes)}
     labels = np.array([label_of[file.class_name] for file, _ in usable], dtype=np.int64)
     sources = np.array([file.source for file, _ in usable])
@@ -247,16 +254,17 @@ def _keep_usable(
     return usable
 
 
-def _uniform_images(usable: list[tuple[_ImageFile, np.ndarray]]) -> np.ndarray:
-    """Stack to uint8 [N, H, W, C]: one channel if every image is grayscale, else three."""
+def stack_uniform(usable: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """(source, pixels) pairs stacked to uint8 [N, H, W, C]: one channel if every image is grayscale, else three.
+    DataError naming two examples when the sizes differ."""
     first_of_size: dict[tuple[int, ...], str] = {}
-    for file, pixels in usable:
-        first_of_size.setdefault(pixels.shape[:2], file.source)
+    for source, pixels in usable:
+        first_of_size.setdefault(pixels.shape[:2], source)
     if len(first_of_size) > 1:
         (size_a, source_a), (size_b, source_b) = list(first_of_size.items())[:2]
         raise DataError(
             f"images have different sizes, e.g. {source_a} is {size_a[1]}x{size_a[0]} and {source_b} is "
-            f"{size_b[1]}x{size_b[0]} (width x height); set --set data.image_size=N to resize all to NxN"
+            f"{size_b[1]}x{size_b[0]} (width x height); pass --set data.image_size=N to resize all to NxN"
         )
     channels = max(pixels.shape[2] for _, pixels in usable)
     return np.stack([to_channels(pixels, channels) for _, pixels in usable])

@@ -12,7 +12,7 @@ from tasks.download import download
 from tests.bad_inputs.conftest import fails_cleanly, imagefolder, tar_gz, two_classes, zip_archive
 
 WRITES_OUTSIDE = "refusing an archive that writes outside its folder"
-PROBABLY_CORRUPT = "it is probably corrupt or truncated"
+PROBABLY_CORRUPT = "it is probably corrupt or truncated: re-create or re-download it"
 ARCHIVE_KINDS = "a .tar.gz, .tgz, .tar or .zip archive"
 _ZIP_CENTRAL_HEADER = b"PK\x01\x02"
 _UNCOMPRESSED_SIZE_IN_CENTRAL_HEADER = 24  # byte offsets of the declared size in the zip headers
@@ -71,7 +71,7 @@ def test_zip_member_whose_header_lies_about_its_size(store, tmp_path):
     liar.write_bytes(bytes(honest))
     with fails_cleanly(store.root, DataError,
                        f"{liar}: member 'cat/zeros.png' cannot be read (BadZipFile: Bad CRC-32 for file "
-                       f"'cat/zeros.png'); the archive is probably corrupt or truncated"):  # fmt: skip
+                       f"'cat/zeros.png'); the archive is probably corrupt or truncated: re-create or re-download it"):  # fmt: skip
         download(imagefolder(liar, max_archive_bytes=64 * 1024), store)
 
 

@@ -62,16 +62,15 @@ def test_negative_epochs(store_root):
 
 
 def test_learning_rate_nan(store_root, tmp_path):
-    # NaN fails the `gt=0` bound before the finiteness check runs, so the message speaks of the bound.
     config_fails(
         store_root,
-        "invalid configuration:\n  train.lr: Input should be greater than 0 (got 'NaN')",
+        "invalid configuration:\n  train.lr: Value error, must be a finite number, e.g. 0.001 (got 'NaN')",
         overrides=["train.lr=NaN"],
     )
     config_file = tmp_path / "nan.yaml"
     config_file.write_text("train:\n  lr: .nan\n")  # YAML's own NaN arrives as a float, not as text
     config_fails(
-        store_root, "invalid configuration:\n  train.lr: Input should be greater than 0 (got nan)",
+        store_root, "invalid configuration:\n  train.lr: Value error, must be a finite number, e.g. 0.001 (got nan)",
         config_file=config_file,
     )  # fmt: skip
 

@@ -40,7 +40,8 @@ def test_http_500_is_retried_twice_then_fails(harness, store):
         url = server.url("/pets.tar.gz")
         with fails_cleanly(store.root, DownloadError,
                            f"{url} answered HTTP 500 Internal Server Error",
-                           "the server may recover, so this is retried"):  # fmt: skip
+                           "the server may recover (transient failures are retried). Gave up after 3 attempts: "
+                           "try again later, or point data.uri at another mirror"):  # fmt: skip
             download_only(imagefolder(url), StoreConfig(root=store.root))
         assert server.requests == ["/pets.tar.gz"] * 3  # the first try and download_task's 2 retries
 

@@ -85,7 +85,7 @@ def test_images_of_mixed_sizes(store, tmp_path):
     with fails_cleanly(
         store.root, DataError,
         "images have different sizes, e.g. cat/0.png is 8x8 and dog/wide.png is 12x6 (width x height)",
-        "set --set data.image_size=N to resize all to NxN",
+        "pass --set data.image_size=N to resize all to NxN",
     ):  # fmt: skip
         download(imagefolder(folder), store)
 

@@ -149,3 +149,32 @@ def test_a_failed_run_gets_a_summary_artifact_naming_the_stage(pipeline_run):
         )
     summary = next(artifact.data for artifact in artifacts if artifact.key == "kiln-failure")
     assert "| gate |" in summary and "min_accuracy" in summary
+
+
+def test_flipped_bytes_in_stored_outputs_are_recomputed_by_the_next_run(pipeline_run, caplog):
+    """Byte flips in the trained weights and the exported model: the next run (whose Prefect cache would otherwise
+    hand on references to them) rebuilds both, moves the corrupt copies aside, and finishes with a valid bundle."""
+    import logging
+
+    from kiln.store import CORRUPT_DIR
+
+    config, first = pipeline_run
+    store = ArtifactStore(config.store.root)
+    corrupted = {}
+    for stage in ("train", "export"):
+        entry = max(store.manifest(first[stage]).files, key=lambda file: file.size)  # the weights / the model
+        path = Path(first[stage].uri) / entry.path
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        corrupted[stage] = path
+
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        outputs = training_pipeline(config)
+
+    assert not outputs["train"].reused and not outputs["export"].reused
+    for stage, path in corrupted.items():
+        assert f"{path} is corrupted" in caplog.text
+        store.verify(outputs[stage])
+    assert sorted(entry.name.split("-")[0] for entry in (Path(store.root) / CORRUPT_DIR).iterdir()) == ["export", "train"]
+    load_bundle(bundle_location(outputs["package"], store)[0])

@@ -68,8 +68,10 @@ def test_with_the_registry_off_there_is_nothing_to_compare(store, bundles):
 def test_validate_measures_drift_against_the_data_production_was_trained_on(store, bundles):
     from tasks.validate import find_reference_data
 
-    assert find_reference_data(store, PACKAGE) is None  # nothing in production yet
+    current = publish_dataset(store, make_blobs_dataset(per_class_train=30, seed=3))
+    assert find_reference_data(store, PACKAGE, current) is None  # nothing in production yet
     dataset = promote_good(store, bundles)
-    assert find_reference_data(store, PACKAGE) == dataset
-    assert find_reference_data(store, PackageConfig(registry=False)) is None
-    assert find_reference_data(store, PackageConfig(model_name="another-model")) is None
+    assert find_reference_data(store, PACKAGE, current) == dataset
+    assert find_reference_data(store, PACKAGE, dataset) is None  # production's own data: nothing to drift from
+    assert find_reference_data(store, PackageConfig(registry=False), current) is None
+    assert find_reference_data(store, PackageConfig(model_name="another-model"), current) is None
