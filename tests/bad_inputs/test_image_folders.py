@@ -45,7 +45,7 @@ def test_dataset_path_missing(store, tmp_path):
     missing = tmp_path / "photos"
     with fails_cleanly(store.root, DataError,
                        f"data.uri {missing} does not exist",
-                       "pass an existing folder, a .tar.gz, .tgz, .tar or .zip archive or URL"):  # fmt: skip
+                       "pass an existing folder, a .tar.gz, .tgz, .tar or .zip archive, CSV manifest or URL"):  # fmt: skip
         download(imagefolder(missing), store)
 
 
