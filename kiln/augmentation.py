@@ -1,7 +1,8 @@
 """Augmentation policies as versioned JSON specs, turned into torchvision transforms v2 pipelines.
 
 A spec is data (`{"version": 1, "ops": [{"op": "RandomCrop", ...}, ...]}`) so the train stage, the preview and a
-later reader all build exactly the same transform from the augment stage's output.
+later reader all build exactly the same transform from the augment stage's output. The train stage's device data
+path (kiln/device_data.py) runs the same ops batched on the GPU.
 """
 
 from __future__ import annotations
@@ -15,14 +16,35 @@ from kiln.config import AugmentConfig
 from kiln.errors import ConfigError
 
 POLICY_SPEC_VERSION = 1
+class Cutout(torch.nn.Module):
+    """Fill a `size` x `size` square at a random centre (clipped at the border) with `fill` (DeVries & Taylor,
+    2017), on one uint8 CHW image. `fill` is the dataset's mean colour, which normalization maps to zero."""
+
+    def __init__(self, size: int, fill: list[int]):
+        super().__init__()
+        self.size, self.fill = int(size), torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        top = int(torch.randint(0, height, (1,))) - self.size // 2
+        left = int(torch.randint(0, width, (1,))) - self.size // 2
+        out = image.clone()
+        out[..., max(top, 0) : max(top + self.size, 0), max(left, 0) : max(left + self.size, 0)] = self.fill
+        return out
+
+
 _OPS = {
     "RandomCrop": v2.RandomCrop,
     "RandomHorizontalFlip": v2.RandomHorizontalFlip,
+    "Cutout": Cutout,
 }
 
 
-def resolve_policy(config: AugmentConfig, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """The spec for `config.policy` on images of (height, width, channels).
+def resolve_policy(
+    config: AugmentConfig, image_shape: tuple[int, int, int], channel_mean: list[float] | None = None
+) -> dict[str, Any]:
+    """The spec for `config.policy` on images of (height, width, channels) whose training mean per channel (0..1)
+    is `channel_mean` (the Cutout fill; mid-grey when not given).
 
     `auto` picks crop+flip for colour images and crop alone for grayscale, where flips change meaning
     (a mirrored 2 or 7 is not a digit).
@@ -37,6 +59,9 @@ def resolve_policy(config: AugmentConfig, image_shape: tuple[int, int, int]) -> 
         ops.append({"op": "RandomCrop", "size": [height, width], "padding": padding, "padding_mode": "reflect"})
     if policy == "crop_flip":
         ops.append({"op": "RandomHorizontalFlip", "p": 0.5})
+    if config.cutout > 0 and policy != "none":
+        mean = channel_mean if channel_mean is not None else [0.5] * channels
+        ops.append({"op": "Cutout", "size": config.cutout, "fill": [int(round(255 * value)) for value in mean]})
     return {"version": POLICY_SPEC_VERSION, "policy": policy, "image_shape": list(image_shape), "ops": ops}
 
 

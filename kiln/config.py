@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kiln.errors import ConfigError
 
-PROFILE_NAMES = ("quickstart", "cifar10", "mnist", "imagefolder")
+PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
-ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9"]
+ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet"]
 
 
 class Section(BaseModel):
@@ -101,6 +101,9 @@ class AugmentConfig(Section):
     crop_padding: int | None = Field(
         None, ge=0, description="pixels of padding before the random crop; None: size // 8",
     )
+    cutout: int = Field(
+        0, ge=0, description="side in pixels of a random square filled with the mean colour (Cutout); 0: off",
+    )
     preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
     seed: int = Field(0, description="for the preview only; training draws from train.seed")
 
@@ -123,7 +126,31 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 autocast on cuda, fp32 on cpu",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    data_path: Literal["auto", "device", "loader"] = Field(
+        "auto",
+        description="device: the training split lives on the training device and is augmented there per batch; "
+        "loader: a DataLoader with per-image transforms; auto: device on CUDA when it fits in memory, else loader",
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the model; auto: on CUDA when the run is long enough to repay compiling",
+    )
+    ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="keep an exponential moving average of the weights (e.g. 0.99); evaluated and "
+        "saved instead of the raw weights",
+    )
+    warmup_fraction: float = Field(0.25, gt=0, lt=1, description="onecycle: share of steps spent warming up")
+    devices: int | Literal["auto"] = Field(
+        1, description="data-parallel processes (DDP, launched with torchrun): one per GPU; auto: every visible "
+        "GPU; on a CPU-only host N > 1 runs N gloo processes (for testing, not speed). batch_size stays global",
+    )
     seed: int = 0
+
+    @field_validator("devices")
+    @classmethod
+    def _positive_devices(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
 
     @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")
     @classmethod
@@ -144,6 +171,11 @@ class EvaluateConfig(Section):
         "stop", description="continue: package anyway, marked not blessed",
     )
     batch_size: int = Field(512, ge=1)
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "none",
+        description="also report accuracy with test-time augmentation (averaged over flipped / 1-pixel-shifted "
+        "views); the gate and the bundle use the plain model",
+    )
 
 
 class ExportConfig(Section):

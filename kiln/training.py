@@ -1,7 +1,10 @@
 """The training loop, apart from the stage that wires it: runtime choice, data, optimizer recipe, epochs, resume.
 
 Device and precision are decided once (`resolve_runtime`) and passed down; normalization happens on the device,
-after augmentation of uint8 images, so the loader moves bytes, not floats.
+after augmentation of uint8 images, so the loader moves bytes, not floats. Batches come from the device data path
+(the training split resident on the GPU, augmented there: kiln/device_data.py) or from a DataLoader with
+per-image transforms (`train.data_path`). On CUDA: channels_last, bf16 autocast, fused optimizer steps, and
+torch.compile for long runs; each of these degrades to its CPU equivalent without failing.
 """
 
 from __future__ import annotations
@@ -21,11 +24,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import TrainConfig
+from kiln.errors import ConfigError
 from kiln.runtime.preprocess import Preprocessing
 
 LOGGER = logging.getLogger("kiln")
 
 EpochCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel (DDP) run: each rank trains on its share of every global batch,
+    gradients are averaged across ranks, and only rank 0 writes checkpoints and outputs (kiln/distributed.py)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,17 @@ def resolve_runtime(device: str, precision: str) -> Runtime:
 
 
 class AugmentedImages(Dataset):
-    """uint8 NHWC images -> (augmented uint8 CHW tensor, label). Picklable, for DataLoader workers."""
+    """uint8 NHWC images -> (augmented uint8 CHW tensor, label). Picklable, for DataLoader workers.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable | None):
-        self.images, self.labels, self.transform = images, labels, transform
+    `policy` is the augment stage's spec the transform was built from; given, it lets the device data path run the
+    same augmentation batched on the GPU (kiln/device_data.py)."""
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, transform: Callable | None, policy: dict[str, Any] | None = None
+    ):
+        self.images, self.labels, self.transform, self.policy = images, labels, transform, policy
+        if transform is None and policy is None:
+            self.policy = {"ops": []}  # no augmentation at all: the device path can serve it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,20 +113,25 @@ class DeviceNormalizer(nn.Module):
         return (images_uint8.float() / 255.0 - self.mean) / self.std
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # Norm and bias parameters are not decayed: decaying them only fights the normalization.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; `fused` (CUDA) runs each step as one kernel over all parameters."""
+    # Norm and bias parameters are not decayed: decaying them only fights the normalization. Frozen parameters
+    # (e.g. a whitening layer set from the data) are left out.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    options = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, **options)
+    return torch.optim.AdamW(groups, lr=config.lr, **options)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps + 1, pct_start=0.25, anneal_strategy="linear"
+            optimizer, max_lr=config.lr, total_steps=total_steps + 1, pct_start=config.warmup_fraction,
+            anneal_strategy="linear",
         )
     warmup = max(1, total_steps // 20)
 
@@ -119,18 +148,46 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 @torch.no_grad()
 def predict_probabilities(
-    model: nn.Module, images: np.ndarray, prep: Preprocessing, runtime: Runtime, batch_size: int = 512
-) -> np.ndarray:
-    """Softmax probabilities [N, classes] (float32, CPU) for uint8 NHWC images."""
+    model: nn.Module, images: np.ndarray, prep: Preprocessing, runtime: Runtime, batch_size: int = 512,
+    tta: str = "none",
+) -> np.ndarray:  # fmt: skip
+    """Softmax probabilities [N, classes] (float32, CPU) for uint8 NHWC images.
+
+    `tta`: "flip" averages the probabilities of each image and its mirror; "flip_translate" also of both shifted
+    by one pixel up-left and down-right (reflect-padded): six views.
+    """
     model.eval().to(runtime.device)
     normalizer = DeviceNormalizer(prep, runtime.device)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        with runtime.autocast():
-            logits = model(normalizer(batch.to(runtime.device)))
-        outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        views = _test_time_views(batch.to(runtime.device), tta)
+        total = None
+        for view in views:
+            with runtime.autocast():
+                logits = model(normalizer(view))
+            probabilities = torch.softmax(logits.float(), dim=1)
+            total = probabilities if total is None else total + probabilities
+        outputs.append((total / len(views)).cpu())
     return torch.cat(outputs).numpy()
+
+
+def _test_time_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    from kiln.device_data import _reflect_pad
+
+    views = [batch]
+    if tta in ("flip", "flip_translate"):
+        views.append(batch.flip(3))
+    if tta == "flip_translate":
+        height, width = batch.shape[2:]
+        for view in list(views):
+            padded = _reflect_pad(view, 1)
+            views += [padded[:, :, :height, :width], padded[:, :, 2 : height + 2, 2 : width + 2]]
+    return views
+
+
+COMPILE_MIN_STEPS = 2000  # compile=auto: below this many steps, compiling (tens of seconds) costs more than it saves
+PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
 
 
 def fit(
@@ -142,80 +199,317 @@ def fit(
     runtime: Runtime,
     checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
+    distributed: Distributed | None = None,
 ) -> list[dict[str, Any]]:
     """Train for config.epochs, checkpointing after every epoch and resuming from `checkpoint_path` if present.
 
+    With `distributed` (a torch.distributed process group already initialised), every rank runs this with the same
+    arguments: each takes its 1/world share of every global batch of config.batch_size, metrics are summed across
+    ranks, and only rank 0 writes the checkpoint, scores the validation set and calls `on_epoch`.
+
     `validation_set` (held out from the training split, never the test split) is scored after every epoch.
-    Returns the per-epoch history (train loss/accuracy, validation accuracy, lr, throughput).
+    With train.ema_decay set, `model` ends holding the averaged weights. Returns the per-epoch history (train
+    loss/accuracy, validation accuracy, lr, throughput, data path).
     """
     torch.manual_seed(config.seed)
     model.to(runtime.device)
-    if runtime.device.type == "cuda":
+    channels_last = runtime.device.type == "cuda"
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > config.batch_size,
-        num_workers=config.num_workers,
-        pin_memory=runtime.device.type == "cuda",
-        persistent_workers=config.num_workers > 0,
-        generator=generator,
-    )
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, config.epochs * len(loader))
+    batches = training_batches(train_set, prep, config, runtime, channels_last, distributed)
+    optimizer = make_optimizer(model, config, fused=runtime.device.type == "cuda")
+    scheduler = make_scheduler(optimizer, config, config.epochs * len(batches))
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    normalizer = DeviceNormalizer(prep, runtime.device)
+    resuming = checkpoint_path.exists()
+    if not resuming and hasattr(model, "prepare"):  # data-dependent initialisation (FastNet's whitening)
+        model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
+    average = _weight_average(model, config)
     history: list[dict[str, Any]] = []
     start_epoch = 1
-    if checkpoint_path.exists():
+    if resuming:
         state = torch.load(checkpoint_path, map_location=runtime.device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
         LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
+    step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, config.epochs * len(batches))
+    writer = distributed is None or distributed.is_writer
+    evaluated = average.module if average is not None else model
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
+        _synchronize(runtime)
         started = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for images, labels in loader:
-            images = images.to(runtime.device, non_blocking=True)
-            labels = labels.to(runtime.device, non_blocking=True)
-            inputs = normalizer(images)
-            if runtime.device.type == "cuda":
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
+        loss_sum = torch.zeros((), device=runtime.device)
+        correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+        seen = 0
+        for inputs, labels in batches.epoch(generator):
             with runtime.autocast():
-                logits = model(inputs)
+                logits = step(inputs)
                 loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            if average is not None:
+                average.update_parameters(model)
+            # Accumulated on the device: a float() per step would wait for the GPU every step.
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
             seen += len(labels)
+        _synchronize(runtime)
         seconds = time.perf_counter() - started
+        if distributed is not None:
+            loss_sum, correct, seen = _sum_across_ranks(loss_sum, correct, seen, runtime)
         row = {
             "epoch": epoch,
-            "train_loss": round(loss_sum / max(seen, 1), 5),
-            "train_accuracy": round(correct / max(seen, 1), 5),
-            "val_accuracy": _accuracy(model, validation_set, prep, runtime),
+            "train_loss": round(float(loss_sum) / max(seen, 1), 5),
+            "train_accuracy": round(int(correct) / max(seen, 1), 5),
+            "val_accuracy": _accuracy(evaluated, validation_set, prep, runtime) if writer else None,
             "lr": round(scheduler.get_last_lr()[0], 6),
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 1),
+            "data_path": batches.name,
         }
         history.append(row)
-        _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history)
-        if on_epoch is not None:
-            on_epoch(row)
+        if writer:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average)
+            if on_epoch is not None:
+                on_epoch(row)
+    if average is not None:
+        model.load_state_dict(average.module.state_dict())
     return history
+
+
+class _LoaderBatches:
+    """The DataLoader path: per-image torchvision v2 transforms on the CPU, normalized on the device."""
+
+    name = "loader"
+
+    def __init__(self, train_set: AugmentedImages, prep: Preprocessing, config: TrainConfig, runtime: Runtime,
+                 channels_last: bool, shard: tuple[int, int] = (0, 1)):  # fmt: skip
+        self.train_set, self.config, self.runtime, self.channels_last = train_set, config, runtime, channels_last
+        self.shard = shard
+        self.normalizer = DeviceNormalizer(prep, runtime.device)
+        self.drop_last = len(train_set) > config.batch_size
+        self.loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        count, size = len(self.train_set), self.config.batch_size
+        return count // size if self.drop_last else -(-count // size)
+
+    def _sampler(self, generator: torch.Generator):
+        if self.shard[1] == 1:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        rank, world = self.shard
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed, drop_last=self.drop_last)
+
+    def epoch(self, generator: torch.Generator):
+        if self.loader is None:  # built once: its workers persist across epochs and its sampler draws from generator
+            sampler = self._sampler(generator)
+            self.loader = DataLoader(
+                self.train_set,
+                batch_size=self.config.batch_size // self.shard[1],
+                shuffle=sampler is None,
+                sampler=sampler,
+                drop_last=self.drop_last,
+                num_workers=self.config.num_workers,
+                pin_memory=self.runtime.device.type == "cuda",
+                persistent_workers=self.config.num_workers > 0,
+                generator=generator,
+            )
+        if self.loader.sampler is not None and hasattr(self.loader.sampler, "set_epoch"):
+            self.epochs_run = getattr(self, "epochs_run", 0) + 1
+            self.loader.sampler.set_epoch(self.epochs_run)
+        for images, labels in self.loader:
+            inputs = self.normalizer(images.to(self.runtime.device, non_blocking=True))
+            if self.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            yield inputs, labels.to(self.runtime.device, non_blocking=True)
+
+
+class _DeviceBatches:
+    name = "device"
+
+    def __init__(self, batches: Any):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, generator: torch.Generator):
+        return self.batches.epoch(generator)
+
+
+def training_batches(train_set: AugmentedImages, prep: Preprocessing, config: TrainConfig, runtime: Runtime,
+                     channels_last: bool = False, distributed: Distributed | None = None):  # fmt: skip
+    """The batch source `config.data_path` asks for: the device path where it applies, else the DataLoader path
+    (with a log line saying why when the device path was asked for explicitly)."""
+    from kiln.device_data import DeviceBatches, fits_on_device, unsupported_ops
+
+    shard = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
+    if config.batch_size % shard[1]:
+        raise ConfigError(
+            f"train.batch_size={config.batch_size} is the global batch and must divide evenly among "
+            f"{shard[1]} data-parallel processes; use a multiple of {shard[1]}"
+        )
+    wanted = config.data_path
+    if wanted == "auto":
+        wanted = "device" if runtime.device.type == "cuda" else "loader"
+    if wanted == "device":
+        reason = ""
+        if train_set.policy is None:
+            reason = "no augmentation policy spec was given (only a transform)"
+        elif unsupported_ops(train_set.policy):
+            reason = f"augmentation op(s) {', '.join(unsupported_ops(train_set.policy))} run only per image"
+        else:
+            fits, reason = fits_on_device(train_set.images, train_set.policy, runtime.device)
+        if not reason:
+            return _DeviceBatches(DeviceBatches(
+                train_set.images, train_set.labels, train_set.policy, prep, runtime.device, config.batch_size,
+                channels_last, shard,
+            ))  # fmt: skip
+        log = LOGGER.warning if config.data_path == "device" else LOGGER.info
+        log(f"device data path not used: {reason}; using the DataLoader path")
+    return _LoaderBatches(train_set, prep, config, runtime, channels_last, shard)
+
+
+def _compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_steps: int) -> Callable:
+    """The callable training steps run: the model itself, or its torch.compile'd form."""
+    wanted = config.compile
+    if wanted == "auto":
+        wanted = "on" if runtime.device.type == "cuda" and total_steps >= COMPILE_MIN_STEPS else "off"
+    if wanted == "off":
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as error:  # e.g. no C compiler for the CPU backend: train uncompiled rather than fail
+        LOGGER.warning(f"torch.compile is unavailable ({error.__class__.__name__}: {error}); training uncompiled")
+        return model
+
+
+def _data_parallel(model: nn.Module, runtime: Runtime, distributed: Distributed | None) -> nn.Module:
+    if distributed is None:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def _sum_across_ranks(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, runtime: Runtime):
+    import torch.distributed as dist
+
+    totals = torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=runtime.device)])
+    dist.all_reduce(totals)
+    return totals[0], totals[1].long(), int(totals[2])
+
+
+def _weight_average(model: nn.Module, config: TrainConfig):
+    if config.ema_decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    # use_buffers: BatchNorm statistics are averaged too, so the averaged model is usable as is.
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+
+
+def _normalized_sample(train_set: AugmentedImages, prep: Preprocessing, device: torch.device, seed: int) -> torch.Tensor:
+    count = len(train_set.labels)
+    chosen = np.sort(np.random.default_rng(seed).permutation(count)[:PREPARE_SAMPLES])
+    images = torch.from_numpy(np.ascontiguousarray(train_set.images[chosen])).permute(0, 3, 1, 2).to(device)
+    return DeviceNormalizer(prep, device)(images)
+
+
+def _synchronize(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)  # timings must cover the GPU's work, not just its queueing
+
+
+@dataclass
+class TrainingResult:
+    model: nn.Module  # trained, on the CPU, fp32
+    spec: Any  # kiln.models.ModelSpec
+    prep: Preprocessing
+    history: list[dict[str, Any]]
+    runtime: Runtime
+    train_samples: int
+    validation_samples: int
+
+
+def write_training_output(result: TrainingResult, config: TrainConfig, out_dir: Path, processes: int = 1) -> dict[str, Any]:
+    """The train stage's files (weights.pt, model.json, preprocess.json, history.csv); returns its metrics."""
+    import pandas as pd
+
+    from kiln.models import save_model
+    from kiln.store import write_json
+
+    save_model(result.model, result.spec, out_dir)
+    write_json(out_dir / "preprocess.json", result.prep.to_json())
+    pd.DataFrame(result.history).to_csv(out_dir / "history.csv", index=False)
+    last = result.history[-1]
+    return {
+        "model": config.model,
+        "parameters": sum(parameter.numel() for parameter in result.model.parameters()),
+        "device": str(result.runtime.device),
+        "precision": result.runtime.precision,
+        "processes": processes,
+        "epochs": len(result.history),
+        "final_train_loss": last["train_loss"],
+        "final_train_accuracy": last["train_accuracy"],
+        "final_val_accuracy": last["val_accuracy"],
+        "train_samples": int(result.train_samples),
+        "validation_samples": int(result.validation_samples),
+        "train_seconds": round(sum(row["seconds"] for row in result.history), 2),
+        "data_path": last["data_path"],
+        "seed": config.seed,  # with the policy's and data's digests, what a CPU run needs to repeat exactly
+        "notes": list(result.runtime.notes),
+    }
+
+
+def run_training(
+    data_dir: Path,
+    policy_spec: dict[str, Any],
+    config: TrainConfig,
+    checkpoint_path: Path,
+    on_epoch: EpochCallback | None = None,
+    distributed: Distributed | None = None,
+    runtime: Runtime | None = None,
+) -> TrainingResult:
+    """What the train stage does between reading its inputs and writing its output: build the model, hold out the
+    validation share, and fit (in this process, or as one rank of a data-parallel run)."""
+    from kiln.augmentation import build_transform
+    from kiln.dataset import read_info, read_split, stratified_indices
+    from kiln.models import ModelSpec, build_model
+
+    info = read_info(data_dir)
+    height, width, channels = info.image_shape
+    prep = Preprocessing(height, width, channels, tuple(info.channel_mean), tuple(info.channel_std))
+    spec = ModelSpec(config.model, info.image_shape, info.num_classes)
+    runtime = runtime or resolve_runtime(config.device, config.precision)
+    torch.manual_seed(config.seed)
+    model = build_model(spec)
+    train_images, train_labels = read_split(data_dir, "train")
+    validation = None
+    if config.validation_fraction > 0:
+        fit_indices, held_out = stratified_indices(train_labels, config.validation_fraction, config.seed)
+        validation = (train_images[held_out], train_labels[held_out])
+        train_images, train_labels = train_images[fit_indices], train_labels[fit_indices]
+    train_set = AugmentedImages(train_images, train_labels, build_transform(policy_spec), policy_spec)
+    history = fit(model, train_set, validation, prep, config, runtime, checkpoint_path, on_epoch, distributed)
+    return TrainingResult(model.float().cpu(), spec, prep, history, runtime, len(train_labels),
+                          0 if validation is None else len(validation[1]))  # fmt: skip
 
 
 def _accuracy(model, labelled: tuple[np.ndarray, np.ndarray] | None, prep, runtime: Runtime) -> float | None:
@@ -225,11 +519,12 @@ def _accuracy(model, labelled: tuple[np.ndarray, np.ndarray] | None, prep, runti
     return round(float((predict_probabilities(model, images, prep, runtime).argmax(axis=1) == labels).mean()), 5)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history, average=None) -> None:
     """Write to a temp file, then os.replace: a crash mid-write leaves the previous checkpoint intact."""
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
+            **({"average": average.state_dict()} if average is not None else {}),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

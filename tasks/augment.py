@@ -26,7 +26,7 @@ def augment(config: AugmentConfig, dataset: ArtifactRef, store: ArtifactStore) -
     def build(out_dir):
         directory = store.materialize(dataset)
         info = read_info(directory)
-        spec = resolve_policy(config, info.image_shape)
+        spec = resolve_policy(config, info.image_shape, info.channel_mean)
         transform = build_transform(spec)  # fails here, not in training, if the spec is unusable
         write_json(out_dir / "policy.json", spec)
         images, _ = read_split(directory, "train")

@@ -46,6 +46,7 @@ def evaluate(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactRef, s
         score = accuracy(labels, predictions)
         metrics = {
             "accuracy": round(score, 5),
+            **_tta_accuracy(config, network, images, labels, prep, runtime),
             "macro_f1": round(float(table["f1"].mean()), 5),
             "test_samples": int(len(labels)),
             "min_accuracy": config.min_accuracy,
@@ -59,6 +60,13 @@ def evaluate(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactRef, s
         return metrics
 
     return STAGE.produce(store, config, {"model": model, "dataset": dataset}, build)
+
+
+def _tta_accuracy(config: EvaluateConfig, network, images, labels, prep, runtime) -> dict:
+    if config.tta == "none":
+        return {}
+    probabilities = predict_probabilities(network, images, prep, runtime, config.batch_size, tta=config.tta)
+    return {"accuracy_tta": round(accuracy(labels, probabilities.argmax(axis=1)), 5), "tta": config.tta}
 
 
 def check_gate(config: EvaluateConfig, evaluation: ArtifactRef, store: ArtifactStore) -> bool:
@@ -85,6 +93,8 @@ def evaluate_task(config: EvaluateConfig, model: ArtifactRef, dataset: ArtifactR
     verdict = "blessed" if metrics["blessed"] else "NOT blessed"
     report(ref, store, "Evaluation", [
         f"- test accuracy **{metrics['accuracy']:.4f}** on {metrics['test_samples']} images, macro F1 {metrics['macro_f1']:.4f}",
+        *([f"- with test-time augmentation ({metrics['tta']}): {metrics['accuracy_tta']:.4f} (not what the bundle does)"]
+          if "accuracy_tta" in metrics else []),
         f"- gate: accuracy ≥ {metrics['min_accuracy']} → **{verdict}**",
         f"- confusion matrix: `{ref.uri}/confusion_matrix.png`",
     ])  # fmt: skip

@@ -2,7 +2,8 @@
 
 Output: `weights.pt` (state_dict), `model.json` (architecture spec), `preprocess.json` (normalization),
 `history.csv` (one row per epoch). A checkpoint after every epoch lives in the store's scratch area until the
-output is published, so an interrupted run resumes where it stopped.
+output is published, so an interrupted run resumes where it stopped. With train.devices > 1 the fit runs as a
+data-parallel torchrun job (kiln/distributed.py) whose rank 0 writes the same files.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ import logging
 import shutil
 
 import pandas as pd
-import torch
 
-from kiln.augmentation import build_transform
 from kiln.config import StoreConfig, TrainConfig
-from kiln.dataset import read_info, read_split, stratified_indices
-from kiln.models import ModelSpec, build_model, save_model
-from kiln.runtime.preprocess import Preprocessing
+from kiln.distributed import launch_training, world_size
 from kiln.stage import Stage
-from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
-from kiln.training import AugmentedImages, EpochCallback, fit, resolve_runtime
+from kiln.store import ArtifactRef, ArtifactStore, read_json
+from kiln.training import EpochCallback, run_training, write_training_output
 from tasks._task import Progress, report, report_table, stage_task
 
 LOGGER = logging.getLogger("kiln")
@@ -40,50 +37,15 @@ def train(
 
     def build(out_dir):
         data_dir = store.materialize(dataset)
-        info = read_info(data_dir)
-        height, width, channels = info.image_shape
-        prep = Preprocessing(height, width, channels, tuple(info.channel_mean), tuple(info.channel_std))
-        spec = ModelSpec(config.model, info.image_shape, info.num_classes)
-        runtime = resolve_runtime(config.device, config.precision)
-        for note in runtime.notes:
+        policy_spec = read_json(store.materialize(policy) / "policy.json")
+        checkpoint = store.scratch_dir(STAGE.name, key) / "checkpoint.pt"
+        processes = world_size(config)
+        if processes > 1:
+            return launch_training(data_dir, policy_spec, config, checkpoint, out_dir, on_epoch)
+        result = run_training(data_dir, policy_spec, config, checkpoint, on_epoch)
+        for note in result.runtime.notes:
             LOGGER.warning(note)
-        torch.manual_seed(config.seed)
-        model = build_model(spec)
-        transform = build_transform(read_json(store.materialize(policy) / "policy.json"))
-        train_images, train_labels = read_split(data_dir, "train")
-        validation = None
-        if config.validation_fraction > 0:
-            fit_indices, held_out = stratified_indices(train_labels, config.validation_fraction, config.seed)
-            validation = (train_images[held_out], train_labels[held_out])
-            train_images, train_labels = train_images[fit_indices], train_labels[fit_indices]
-        history = fit(
-            model,
-            AugmentedImages(train_images, train_labels, transform),
-            validation,
-            prep,
-            config,
-            runtime,
-            store.scratch_dir(STAGE.name, key) / "checkpoint.pt",
-            on_epoch,
-        )
-        save_model(model.float().cpu(), spec, out_dir)
-        write_json(out_dir / "preprocess.json", prep.to_json())
-        pd.DataFrame(history).to_csv(out_dir / "history.csv", index=False)
-        last = history[-1]
-        return {
-            "model": config.model,
-            "parameters": sum(parameter.numel() for parameter in model.parameters()),
-            "device": str(runtime.device),
-            "precision": runtime.precision,
-            "epochs": len(history),
-            "final_train_loss": last["train_loss"],
-            "final_train_accuracy": last["train_accuracy"],
-            "final_val_accuracy": last["val_accuracy"],
-            "train_samples": int(len(train_labels)),
-            "validation_samples": 0 if validation is None else int(len(validation[1])),
-            "train_seconds": round(sum(row["seconds"] for row in history), 2),
-            "notes": list(runtime.notes),
-        }
+        return write_training_output(result, config, out_dir)
 
     ref = STAGE.produce(store, config, inputs, build)
     shutil.rmtree(store.scratch_dir(STAGE.name, key), ignore_errors=True)  # published: checkpoints are done

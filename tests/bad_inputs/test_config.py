@@ -15,7 +15,7 @@ from kiln.errors import ConfigError
 from tests.bad_inputs.conftest import fails_cleanly
 
 TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum, label_smoothing, validation_fraction, "
-              "schedule, device, precision, num_workers, seed")  # fmt: skip
+              "schedule, device, precision, num_workers, data_path, compile, ema_decay, warmup_fraction, seed")  # fmt: skip
 MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
 KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
 
@@ -78,7 +78,7 @@ def test_learning_rate_nan(store_root, tmp_path):
 def test_unknown_model(store_root):
     config_fails(
         store_root,
-        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet' or 'resnet9' (got 'vgg')",
+        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9' or 'fastnet' (got 'vgg')",
         overrides=["train.model=vgg"],
     )
 
@@ -86,7 +86,7 @@ def test_unknown_model(store_root):
 def test_unknown_profile(store_root):
     config_fails(
         store_root,
-        "unknown profile 'nope'; choose one of: quickstart, cifar10, mnist, imagefolder",
+        "unknown profile 'nope'; choose one of: quickstart, cifar10, cifar10-fast, mnist, imagefolder",
         profile="nope",
     )
 
@@ -146,6 +146,6 @@ def test_cli_unknown_profile(tmp_path, store_root):
 
     assert result.stderr.splitlines()[-1] == (
         "kiln run: error: argument --profile: invalid choice: 'nope' "
-        "(choose from 'quickstart', 'cifar10', 'mnist', 'imagefolder')"
+        "(choose from 'quickstart', 'cifar10', 'cifar10-fast', 'mnist', 'imagefolder')"
     )  # argparse: the usage lines, then this one
     assert_refused_before_running(result, tmp_path, store_root)

@@ -74,7 +74,7 @@ def test_a_flipped_byte_stops_the_run_when_the_policy_says_so(tmp_path, folder):
 def test_a_corrupt_output_on_a_remote_store_is_recomputed_too(folder):
     store = ArtifactStore("memory://kiln-faults/store")
     first = download(imagefolder(folder), store)
-    with store.fs.open(f"{store.root}/download/{first.key}/train_labels.npy", "wb") as handle:
+    with store.fs.open(f"{first.uri}/train_labels.npy", "wb") as handle:
         handle.write(b"not the labels")
 
     again = download(imagefolder(folder), store)

@@ -49,3 +49,24 @@ def test_gate_stops_or_continues(store):
     with pytest.raises(GateFailed, match=r"accuracy 0.94999 is below evaluate.min_accuracy 0.95.*on_gate_failure"):
         check_gate(strict, ref, store)
     assert check_gate(strict.model_copy(update={"on_gate_failure": "continue"}), ref, store) is False
+
+
+def test_test_time_augmentation_is_reported_beside_the_plain_accuracy(store, model_ref, dataset_ref):
+    plain = store.manifest(evaluate(EvaluateConfig(), model_ref, dataset_ref, store)).metrics
+    with_tta = store.manifest(evaluate(EvaluateConfig(tta="flip_translate"), model_ref, dataset_ref, store)).metrics
+    assert with_tta["accuracy"] == plain["accuracy"] and "accuracy_tta" not in plain  # the gate's number is unchanged
+    assert with_tta["tta"] == "flip_translate" and 0.0 <= with_tta["accuracy_tta"] <= 1.0
+
+
+def test_test_time_views_are_the_image_its_mirror_and_their_one_pixel_shifts():
+    import torch
+
+    from kiln.training import _test_time_views
+
+    batch = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    views = _test_time_views(batch, "flip_translate")
+    assert len(views) == 6 and all(view.shape == batch.shape for view in views)
+    assert torch.equal(views[1], batch.flip(3))
+    assert torch.equal(views[2][:, :, 1:, 1:], batch[:, :, :-1, :-1])  # shifted down-right by one pixel
+    assert torch.equal(views[3][:, :, :-1, :-1], batch[:, :, 1:, 1:])  # shifted up-left
+    assert len(_test_time_views(batch, "flip")) == 2 and len(_test_time_views(batch, "none")) == 1

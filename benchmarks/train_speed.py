@@ -1,0 +1,286 @@
+"""Training speed, in one process: (a) does the train stage keep the GPU fed, (b) time-to-accuracy of `cifar10-fast`.
+
+    python benchmarks/train_speed.py --data ../shared/datasets/cifar10-jpg.tar.gz --runs 3
+    python benchmarks/train_speed.py --data ../shared/datasets/cifar10-jpg.tar.gz --runs 3 --airbench  # + airbench
+
+(a) feed: the bare training step of a model (`--feed-model`, default resnet9) on synthetic tensors already on the
+    device, normalized and channels_last, against the train stage's own loop (`kiln.training.fit`, the function
+    tasks/train.py runs, with its data path, augmentation and bookkeeping) on the real training images, same model,
+    batch and precision. Both are timed after a warm-up; the ratio is the share of the bare speed the stage keeps.
+(b) time-to-accuracy: the `cifar10-fast` profile's train/augment/evaluate settings, trained `--runs` times with
+    seeds 0..runs-1; training time counts from the first step to the last (the sum of epoch times, like airbench's
+    total_time_seconds, which also counts its final TTA evaluation), and the wall time of the whole fit call is
+    printed too. With `--airbench` and the `airbench` package installed, airbench.train94 and train96 run on the
+    same images (written where airbench's CifarLoader reads them), after one warm-up run each.
+
+Needs torch, numpy, pillow, pydantic and pyyaml, not Prefect or Great Expectations: on a GPU host without them,
+install kiln's remaining requirements from a wheelhouse (see benchmarks/RESULTS.md). Runs on a CPU too, slowly:
+`--max-train 2000 --max-test 500 --feed-steps 5 --epochs 1` is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kiln
+
+from kiln.augmentation import build_transform, resolve_policy  # noqa: E402
+from kiln.config import DataConfig, load_config  # noqa: E402
+from kiln.dataset import ImageDataset, channel_statistics  # noqa: E402
+from kiln.models import ModelSpec, build_model  # noqa: E402
+from kiln.runtime.preprocess import Preprocessing  # noqa: E402
+from kiln.training import AugmentedImages, Runtime, fit, make_optimizer, predict_probabilities, resolve_runtime  # noqa: E402
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    dataset = load_dataset(args)
+    runtime = resolve_runtime(args.device, args.precision)
+    print(f"# kiln training speed — {date.today()} — {device_name(runtime)} — torch {torch.__version__}")
+    print(f"# command: python benchmarks/train_speed.py {' '.join(argv)}")
+    print(f"# data: {dataset.name}, {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
+          f"{dataset.image_shape}")  # fmt: skip
+    results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv}
+    if not args.skip_feed:
+        results["feed"] = feed_benchmark(dataset, runtime, args)
+    if not args.skip_recipe:
+        results["recipe"] = recipe_benchmark(dataset, args)
+    if args.airbench:
+        results["airbench"] = airbench_benchmark(dataset, args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="CIFAR-style image folder or archive (train/<class>/..., test/<class>/...); "
+                        "default: synthetic images (feed test only)")  # fmt: skip
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--feed-model", default="resnet9")
+    parser.add_argument("--feed-batch", type=int, default=1024)
+    parser.add_argument("--feed-steps", type=int, default=200, help="timed steps of the bare loop")
+    parser.add_argument("--compile", default="off", choices=["on", "off"], help="for both loops of the feed test")
+    parser.add_argument("--profile", default="cifar10-fast")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override the profile")
+    parser.add_argument("--epochs", type=int, help="override the profile's train.epochs")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-train", type=int)
+    parser.add_argument("--max-test", type=int)
+    parser.add_argument("--skip-feed", action="store_true")
+    parser.add_argument("--skip-recipe", action="store_true")
+    parser.add_argument("--airbench", action="store_true", help="also run airbench.train94/train96 if installed")
+    parser.add_argument("--json-out")
+    return parser.parse_args(argv)
+
+
+def load_dataset(args: argparse.Namespace) -> ImageDataset:
+    if args.data is None:
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(50_000, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=50_000)
+        return ImageDataset("synthetic", [str(i) for i in range(10)], images, labels, images[:10_000], labels[:10_000])
+    from kiln.sources import load_source
+
+    config = DataConfig(source="imagefolder", uri=args.data, max_train_samples=args.max_train,
+                        max_test_samples=args.max_test)  # fmt: skip
+    return load_source(config).dataset
+
+
+def preprocessing(dataset: ImageDataset) -> Preprocessing:
+    mean, std = channel_statistics(dataset.train_images)
+    height, width, channels = dataset.image_shape
+    return Preprocessing(height, width, channels, tuple(mean), tuple(std))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (a) feed
+# --------------------------------------------------------------------------------------------------------------
+def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Namespace) -> dict:
+    from kiln.config import TrainConfig
+
+    config = TrainConfig(model=args.feed_model, epochs=2, batch_size=args.feed_batch, optimizer="sgd", lr=0.01,
+                         precision=runtime.precision, device=runtime.device.type, validation_fraction=0,
+                         data_path="auto", compile=args.compile)  # fmt: skip
+    bare = bare_loop_images_per_s(dataset, runtime, config, args.feed_steps)
+    prep = preprocessing(dataset)
+    spec = resolve_policy(load_config(args.profile).augment, dataset.image_shape, list(prep.mean))
+    model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes)))
+    with tempfile.TemporaryDirectory() as scratch:
+        history = fit(model, AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec),
+                      None, prep, config, runtime, Path(scratch) / "checkpoint.pt")  # fmt: skip
+    stage = history[-1]["images_per_s"]  # the second epoch: warm
+    print("\n## (a) feed: bare training step vs the train stage's loop")
+    print(f"model {config.model}, batch {config.batch_size}, {runtime.precision}, compile {args.compile}, "
+          f"train stage data path: {history[-1]['data_path']}")  # fmt: skip
+    print("| loop | img/s |\n|---|---|")
+    print(f"| bare step on synthetic device tensors | {bare:,.0f} |")
+    print(f"| train stage (fit), epoch 2 | {stage:,.0f} |")
+    print(f"| ratio | {stage / bare:.3f} |")
+    return {"model": config.model, "batch": config.batch_size, "precision": runtime.precision, "compile": args.compile,
+            "bare_images_per_s": bare, "stage_images_per_s": stage, "ratio": stage / bare,
+            "data_path": history[-1]["data_path"]}  # fmt: skip
+
+
+def bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes))).to(runtime.device)
+    channels_last = runtime.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config, fused=runtime.device.type == "cuda")
+    step_model = torch.compile(model) if config.compile == "on" else model
+    height, width, channels = dataset.image_shape
+    inputs = torch.randn(config.batch_size, channels, height, width, device=runtime.device)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, len(dataset.classes), (config.batch_size,), device=runtime.device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def one_step() -> None:
+        with runtime.autocast():
+            loss = loss_fn(step_model(inputs).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    for _ in range(max(3, steps // 10)):  # warm-up: kernels chosen, compiled, caches filled
+        one_step()
+    synchronize(runtime)
+    started = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    synchronize(runtime)
+    return steps * config.batch_size / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (b) time-to-accuracy
+# --------------------------------------------------------------------------------------------------------------
+def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    config = load_config(args.profile, overrides=overrides)
+    prep = preprocessing(dataset)
+    spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    rows = []
+    for run in range(-1, args.runs):  # run -1: a warm-up, not reported (first CUDA use, cuDNN autotuning)
+        train_config = config.train.model_copy(update={"seed": max(run, 0), "validation_fraction": 0.0})
+        torch.manual_seed(train_config.seed)
+        model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
+        train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
+        with tempfile.TemporaryDirectory() as scratch:
+            synchronize(runtime)
+            started = time.perf_counter()
+            history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt")
+            synchronize(runtime)
+            wall = time.perf_counter() - started
+        if run < 0:
+            continue
+        plain = accuracy(model, dataset, prep, runtime, "none")
+        tta = accuracy(model, dataset, prep, runtime, config.evaluate.tta) if config.evaluate.tta != "none" else plain
+        rows.append({"seed": run, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
+                     "accuracy": plain, "accuracy_tta": tta, "data_path": history[-1]["data_path"]})  # fmt: skip
+    print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
+          f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
+    print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
+              f"| {row['accuracy_tta']:.4f} |")  # fmt: skip
+    summary = summarize(rows)
+    print(f"| mean ± sd | {summary['train_seconds']} | {summary['fit_wall_seconds']} | {summary['accuracy']} | "
+          f"{summary['accuracy_tta']} |")  # fmt: skip
+    return {"profile": args.profile, "runs": rows, "summary": summary}
+
+
+def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:
+    probabilities = predict_probabilities(model, dataset.test_images, prep, runtime, 2000, tta=tta)
+    return float((probabilities.argmax(axis=1) == dataset.test_labels).mean())
+
+
+def summarize(rows: list[dict]) -> dict[str, str]:
+    def mean_sd(values: list[float]) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+    return {key: mean_sd([row[key] for row in rows]) for key in ("train_seconds", "fit_wall_seconds", "accuracy",
+                                                                   "accuracy_tta")}  # fmt: skip
+
+
+def airbench_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
+    try:
+        import airbench
+    except ImportError:
+        print("\n## airbench: not installed (pip install airbench), skipped")
+        return {}
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch, _working_directory(Path(scratch)):
+        # airbench's CifarLoader reads cifar10/{train,test}.pt from the working directory when present.
+        Path("cifar10").mkdir()
+        for split, images, labels in (("train", dataset.train_images, dataset.train_labels),
+                                      ("test", dataset.test_images, dataset.test_labels)):  # fmt: skip
+            torch.save({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
+                        "classes": list(dataset.classes)}, f"cifar10/{split}.pt")  # fmt: skip
+        for name in ("train94", "train96"):
+            train = getattr(airbench, name)
+            train(run="warmup", verbose=False)
+            runs = []
+            for run in range(args.runs):
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    train(run=run, verbose=True)
+                runs.append(_airbench_final_row(printed.getvalue()))
+            results[name] = runs
+    print("\n## airbench on the same images (its own total_time_seconds and TTA accuracy)")
+    print("| trainer | runs: (tta accuracy, seconds) |\n|---|---|")
+    for name, runs in results.items():
+        print(f"| {name} | {runs} |")
+    return results
+
+
+def _airbench_final_row(text: str) -> tuple[float | None, float | None]:
+    """(tta_val_acc, total_time_seconds) from airbench's last printed table row."""
+    rows = [line for line in text.splitlines() if line.strip().startswith("|") and "eval" in line]
+    numbers = [float(value) for value in re.findall(r"\d+\.\d+", rows[-1])] if rows else []
+    return (numbers[-2], numbers[-1]) if len(numbers) >= 2 else (None, None)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def synchronize(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name(runtime: Runtime) -> str:
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

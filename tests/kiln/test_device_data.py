@@ -1,0 +1,161 @@
+"""The device data path (kiln/device_data.py), run here on the CPU: the same ops, batched, as the per-image v2 path,
+reproducible from a seed, and wired into fit() with graceful fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.augmentation import build_transform, resolve_policy
+from kiln.config import AugmentConfig, TrainConfig
+from kiln.device_data import DeviceBatches, _crop, _reflect_pad
+from kiln.errors import ConfigError
+from kiln.models import ModelSpec, build_model
+from kiln.runtime.preprocess import Preprocessing
+from kiln.training import AugmentedImages, fit, resolve_runtime, training_batches
+from tests.conftest import make_blobs_dataset
+
+CPU = torch.device("cpu")
+
+
+def prep_for(images: np.ndarray) -> Preprocessing:
+    height, width, channels = images.shape[1:]
+    return Preprocessing(height, width, channels, (0.4,) * channels, (0.25,) * channels)
+
+
+def images_of(count: int = 20, size: int = 8, channels: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, size, size, channels), dtype=np.uint8)
+
+
+def test_without_augmentation_batches_are_the_normalized_images_in_a_seeded_order():
+    images, labels = images_of(), np.arange(20)
+    prep = prep_for(images)
+    batches = DeviceBatches(images, labels, {"ops": []}, prep, CPU, batch_size=8)
+    assert len(batches) == 2  # full batches only, as the DataLoader path (drop_last)
+    seen = list(batches.epoch(torch.Generator().manual_seed(0)))
+    for inputs, batch_labels in seen:
+        assert inputs.dtype == torch.float32 and inputs.shape == (8, 3, 8, 8)
+        expected = torch.from_numpy(prep.normalize(images[batch_labels.numpy()]))
+        torch.testing.assert_close(inputs, expected, rtol=0, atol=1e-5)  # labels still name their own images
+    again = list(DeviceBatches(images, labels, {"ops": []}, prep, CPU, 8).epoch(torch.Generator().manual_seed(0)))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(seen, again))
+
+
+def test_reflect_padding_matches_numpy_and_crops_are_translations_of_it():
+    images = images_of(count=4, size=6)
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    padded = _reflect_pad(nchw, 2)
+    expected = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+    assert np.array_equal(padded.permute(0, 2, 3, 1).numpy(), expected)
+    dy, dx, order = torch.tensor([0, 4, 1, 3]), torch.tensor([4, 0, 2, 1]), torch.tensor([3, 0, 2, 1])
+    crops = _crop(padded, order, dy, dx, 6, 6).permute(0, 2, 3, 1).numpy()
+    for row, index in enumerate(order.tolist()):
+        y, x = int(dy[row]), int(dx[row])
+        assert np.array_equal(crops[row], expected[index, y : y + 6, x : x + 6])
+
+
+def test_flip_and_cutout_do_what_the_policy_says():
+    images = images_of(count=16, size=8)
+    policy = {"ops": [{"op": "RandomHorizontalFlip", "p": 1.0}, {"op": "Cutout", "size": 4, "fill": [255, 0, 7]}]}
+    prep = Preprocessing(8, 8, 3, (0.0,) * 3, (1 / 255,) * 3)  # normalization = identity on the 0..255 scale
+    batches = DeviceBatches(images, np.arange(16), policy, prep, CPU, batch_size=16)
+    [(inputs, labels)] = list(batches.epoch(torch.Generator().manual_seed(1)))
+    for output, index in zip(inputs.round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels.tolist()):
+        flipped = images[index][:, ::-1]
+        filled = np.all(output == [255, 0, 7], axis=2) & np.any(flipped != [255, 0, 7], axis=2)
+        rows, columns = np.nonzero(filled)
+        assert 1 <= len(rows) <= 16 and np.ptp(rows) < 4 and np.ptp(columns) < 4  # one square of at most 4x4
+        untouched = ~np.all(output == [255, 0, 7], axis=2)
+        assert np.array_equal(output[untouched], flipped[untouched])
+
+
+def test_the_policy_from_the_augment_stage_runs_on_both_paths_with_the_same_ops():
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=2, cutout=3), (8, 8, 3), [0.5, 0.4, 0.3])
+    assert [op["op"] for op in spec["ops"]] == ["RandomCrop", "RandomHorizontalFlip", "Cutout"]
+    assert spec["ops"][2]["fill"] == [128, 102, 76]
+    images = images_of(count=10)
+    build_transform(spec)(torch.from_numpy(images[0]).permute(2, 0, 1))  # the per-image path accepts it
+    batches = DeviceBatches(images, np.arange(10), spec, prep_for(images), CPU, batch_size=5)
+    assert [tuple(inputs.shape) for inputs, _ in batches.epoch(torch.Generator().manual_seed(0))] == [(5, 3, 8, 8)] * 2
+    with pytest.raises(ConfigError, match="cannot run augmentation op\\(s\\) Solarize; set train.data_path=loader"):
+        DeviceBatches(images, np.arange(10), {"ops": [{"op": "Solarize"}]}, prep_for(images), CPU, 5)
+
+
+def _train(tmp_path: Path, name: str, **settings) -> tuple[list[dict], torch.nn.Module]:
+    data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
+    images, labels = data.train_images, data.train_labels
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), images.shape[1:])
+    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, **settings)
+    runtime = resolve_runtime(config.device, config.precision)
+    torch.manual_seed(config.seed)
+    model = build_model(ModelSpec("simple_cnn", images.shape[1:], 3))
+    history = fit(model, AugmentedImages(images, labels, build_transform(spec), spec), None, prep_for(images),
+                  config, runtime, tmp_path / f"{name}.pt")  # fmt: skip
+    return history, model
+
+
+def test_training_on_the_device_path_lowers_the_loss_and_repeats_exactly_from_its_seed(tmp_path):
+    history, _ = _train(tmp_path, "first", data_path="device")
+    repeat, _ = _train(tmp_path, "second", data_path="device")
+    assert [row["data_path"] for row in history] == ["device"] * 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [row["train_loss"] for row in repeat] == [row["train_loss"] for row in history]  # bit-for-bit on the CPU
+    other_seed, _ = _train(tmp_path, "third", data_path="device", seed=1)
+    assert [row["train_loss"] for row in other_seed] != [row["train_loss"] for row in history]
+
+
+def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path):
+    straight, straight_model = _train(tmp_path, "straight", data_path="device")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Interrupt
+
+    data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), data.train_images.shape[1:])
+    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device")
+    train_set = AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec)
+    runtime = resolve_runtime("cpu", "fp32")
+    checkpoint = tmp_path / "interrupted.pt"
+    for on_epoch in (stop_after_two, None):
+        torch.manual_seed(0)
+        model = build_model(ModelSpec("simple_cnn", data.train_images.shape[1:], 3))
+        try:
+            resumed = fit(model, train_set, None, prep_for(data.train_images), config, runtime, checkpoint, on_epoch)
+        except Interrupt:
+            continue
+    assert [row["train_loss"] for row in resumed] == [row["train_loss"] for row in straight]
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_weight_averaging_leaves_the_averaged_weights_in_the_model(tmp_path):
+    history, model = _train(tmp_path, "ema", data_path="device", ema_decay=0.9)
+    plain, plain_model = _train(tmp_path, "plain", data_path="device")
+    assert [row["train_loss"] for row in history] == [row["train_loss"] for row in plain]  # same steps taken
+    differs = [name for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not torch.equal(tensor, plain_model.state_dict()[name])]  # fmt: skip
+    assert differs  # ... but the model now holds the moving average of them
+
+
+def test_gpu_only_settings_degrade_on_the_cpu(tmp_path, caplog):
+    history, _ = _train(tmp_path, "gpu-asks", device="cuda", precision="fp16", compile="auto", data_path="auto")
+    assert history[0]["data_path"] == "loader"  # auto on the CPU: the DataLoader path, as before
+    runtime = resolve_runtime("cuda", "fp16")
+    assert runtime.device.type == "cpu" and runtime.precision == "fp32" and len(runtime.notes) == 2
+
+
+def test_a_transform_without_its_policy_falls_back_to_the_loader_path(caplog):
+    images = images_of()
+    spec = resolve_policy(AugmentConfig(policy="crop"), images.shape[1:])
+    train_set = AugmentedImages(images, np.arange(20), build_transform(spec))  # no spec: cannot run on the device
+    batches = training_batches(train_set, prep_for(images), TrainConfig(data_path="device", batch_size=8),
+                               resolve_runtime("cpu", "fp32"))  # fmt: skip
+    assert batches.name == "loader"
+    assert "device data path not used: no augmentation policy spec was given" in caplog.text
