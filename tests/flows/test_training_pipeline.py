@@ -152,8 +152,9 @@ def test_a_failed_run_gets_a_summary_artifact_naming_the_stage(pipeline_run):
 
 
 def test_flipped_bytes_in_stored_outputs_are_recomputed_by_the_next_run(pipeline_run, caplog):
-    """Byte flips in the trained weights and the exported model: the next run (whose Prefect cache would otherwise
-    hand on references to them) rebuilds both, moves the corrupt copies aside, and finishes with a valid bundle."""
+    """Byte flips in the downloaded images and the trained weights: the next run (whose Prefect cache would otherwise
+    hand on references to them) rebuilds both, moves the corrupt copies aside, and finishes with a valid bundle.
+    (Download is rebuilt bit for bit, so train is keyed as before and finds its own output corrupt.)"""
     import logging
 
     from kiln.store import CORRUPT_DIR
@@ -161,8 +162,8 @@ def test_flipped_bytes_in_stored_outputs_are_recomputed_by_the_next_run(pipeline
     config, first = pipeline_run
     store = ArtifactStore(config.store.root)
     corrupted = {}
-    for stage in ("train", "export"):
-        entry = max(store.manifest(first[stage]).files, key=lambda file: file.size)  # the weights / the model
+    for stage in ("download", "train"):
+        entry = max(store.manifest(first[stage]).files, key=lambda file: file.size)  # the images / the weights
         path = Path(first[stage].uri) / entry.path
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -172,9 +173,10 @@ def test_flipped_bytes_in_stored_outputs_are_recomputed_by_the_next_run(pipeline
     with caplog.at_level(logging.WARNING, logger="kiln"):
         outputs = training_pipeline(config)
 
-    assert not outputs["train"].reused and not outputs["export"].reused
+    assert not outputs["download"].reused and not outputs["train"].reused
+    assert outputs["download"].digest == first["download"].digest
     for stage, path in corrupted.items():
         assert f"{path} is corrupted" in caplog.text
         store.verify(outputs[stage])
-    assert sorted(entry.name.split("-")[0] for entry in (Path(store.root) / CORRUPT_DIR).iterdir()) == ["export", "train"]
+    assert sorted(entry.name.split("-")[0] for entry in (Path(store.root) / CORRUPT_DIR).iterdir()) == ["download", "train"]
     load_bundle(bundle_location(outputs["package"], store)[0])
