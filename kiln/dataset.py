@@ -51,6 +51,22 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @classmethod
+    def from_indices(
+        cls, name: str, classes: list[str], images: np.ndarray, labels: np.ndarray, sources: np.ndarray,
+        train_index: np.ndarray, test_index: np.ndarray,
+    ) -> ImageDataset:  # fmt: skip
+        """One pool of images, labels and sources divided into train and test by index."""
+        return cls(
+            name=name,
+            classes=classes,
+            train_images=images[train_index],
+            train_labels=labels[train_index],
+            test_images=images[test_index],
+            test_labels=labels[test_index],
+            sources={"train": sources[train_index].tolist(), "test": sources[test_index].tolist()},
+        )
+
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name == "train":
             return self.train_images, self.train_labels

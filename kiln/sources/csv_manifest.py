@@ -65,16 +65,8 @@ def load_csv_manifest(config: DataConfig, manifest: Path, on_progress: ProgressC
         test_index = np.flatnonzero(kept["split"].to_numpy() == "test")
     else:
         train_index, test_index = stratified_indices(labels, config.test_fraction, config.seed)
-    sources = kept["path"].to_numpy()
-    dataset = ImageDataset(
-        name=manifest.stem,
-        classes=classes,
-        train_images=images[train_index],
-        train_labels=labels[train_index],
-        test_images=images[test_index],
-        test_labels=labels[test_index],
-        sources={"train": sources[train_index].tolist(), "test": sources[test_index].tolist()},
-    )
+    dataset = ImageDataset.from_indices(manifest.stem, classes, images, labels, kept["path"].to_numpy(), train_index,
+                                        test_index)  # fmt: skip
     return SourceData(dataset, skipped)
 
 

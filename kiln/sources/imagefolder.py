@@ -154,15 +154,7 @@ def _read_images(
     else:
         group_of = np.array([file.group for file, _ in usable])
         train_index, test_index = np.flatnonzero(group_of == "train"), np.flatnonzero(group_of == "test")
-    dataset = ImageDataset(
-        name=dataset_name(uri),
-        classes=classes,
-        train_images=images[train_index],
-        train_labels=labels[train_index],
-        test_images=images[test_index],
-        test_labels=labels[test_index],
-        sources={"train": sources[train_index].tolist(), "test": sources[test_index].tolist()},
-    )
+    dataset = ImageDataset.from_indices(dataset_name(uri), classes, images, labels, sources, train_index, test_index)
     return SourceData(dataset, skipped)
 
 

@@ -30,8 +30,6 @@ test_csv_manifest.py, test_storage_faults.py: the CSV manifest source, a full di
 from __future__ import annotations
 
 import io
-import tarfile
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +42,7 @@ from PIL import Image
 from kiln.config import DataConfig
 from kiln.dataset import read_split
 from kiln.store import MANIFEST_NAME, ArtifactRef, ArtifactStore
+from tests.support.archives import tar_gz, zip_archive  # noqa: F401  (re-exported for the catalog's tests)
 
 DOWNLOAD_FILES = {"train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "dataset.json",
                   "samples.csv", "skipped.csv"}  # fmt: skip
@@ -125,27 +124,6 @@ def write_tree(root: Path, files: dict[str, bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return root
-
-
-def tar_gz(files: dict[str, bytes], extra_members: tuple[tarfile.TarInfo, ...] = ()) -> bytes:
-    """A .tar.gz of regular files plus hand-made members (links) that tarfile would never write for a real tree."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for member in extra_members:
-            tar.addfile(member)
-    return buffer.getvalue()
-
-
-def zip_archive(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def imagefolder(uri: str | Path, **settings) -> DataConfig:

@@ -26,6 +26,7 @@ from kiln.sources.http import fetch
 from kiln.store import ArtifactStore, sha256_file
 from tasks.download import STAGE, download, download_task, retry_on_download_error
 from tests.conftest import SHARED_CIFAR
+from tests.support.archives import tar_gz, zip_archive
 from tests.support.http_server import LocalServer, serve_http
 
 
@@ -53,27 +54,6 @@ def class_files(prefix: str, classes: dict[str, int], per_class: int, **image) -
         for name, value in classes.items()
         for index in range(per_class)
     }
-
-
-def tar_gz(files: dict[str, bytes], extra_members: tuple[tarfile.TarInfo, ...] = ()) -> bytes:
-    """A .tar.gz of regular files, plus hand-made members (links, devices) for the safety tests."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for member in extra_members:
-            tar.addfile(member)
-    return buffer.getvalue()
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
 
 
 def imagefolder(uri: str | Path, **settings) -> DataConfig:
@@ -211,7 +191,7 @@ def test_val_stands_in_for_test_and_is_ignored_beside_test(store, tmp_path):
     assert set(skipped_rows(ref)) == {"validation", "README.md"}
 
 
-@pytest.mark.parametrize("packer, name", [(tar_gz, "pets.tar.gz"), (zip_bytes, "pets.zip")])
+@pytest.mark.parametrize("packer, name", [(tar_gz, "pets.tar.gz"), (zip_archive, "pets.zip")])
 def test_archives_are_read_like_folders(store, tmp_path, packer, name):
     archive = tmp_path / name
     archive.write_bytes(packer({f"pets/{path}": data for path, data in SPLIT_TREE.items()}))
@@ -302,7 +282,7 @@ def test_a_file_that_is_no_archive_is_an_error(store, tmp_path, content):
 
 
 def test_archive_larger_than_the_limit_is_refused(store, tmp_path):
-    (tmp_path / "big.zip").write_bytes(zip_bytes(SPLIT_TREE))
+    (tmp_path / "big.zip").write_bytes(zip_archive(SPLIT_TREE, zipfile.ZIP_STORED))
     with pytest.raises(DataError, match="data.max_archive_bytes"):
         download(imagefolder(tmp_path / "big.zip", max_archive_bytes=100), store)
 
@@ -383,9 +363,9 @@ def test_fingerprints_are_cheap_summaries(tmp_path):
     root = write_files(tmp_path / "pets", SPLIT_TREE)
     assert source_fingerprint(imagefolder(root)) == source_fingerprint(imagefolder(root))
     archive = tmp_path / "pets.zip"
-    archive.write_bytes(zip_bytes(SPLIT_TREE))
+    archive.write_bytes(zip_archive(SPLIT_TREE, zipfile.ZIP_STORED))
     before = source_fingerprint(imagefolder(archive))
-    archive.write_bytes(zip_bytes({**SPLIT_TREE, "train/cat/x.png": image_bytes(3)}))
+    archive.write_bytes(zip_archive({**SPLIT_TREE, "train/cat/x.png": image_bytes(3)}, zipfile.ZIP_STORED))
     assert source_fingerprint(imagefolder(archive)) != before
     assert source_fingerprint(imagefolder("https://example.org/pets.tar.gz")) == ""
     assert source_fingerprint(DataConfig(source="digits")) == ""
