@@ -45,7 +45,7 @@ def training_pipeline(config: PipelineConfig = load_config("quickstart")) -> dic
     evaluation = evaluate_task(config.evaluate, model, dataset, store)
     gate_task(config.evaluate, evaluation, store)
     exported = export_task(config.export, model, dataset, store)
-    compressed = compress_task(config.compress, exported, dataset, store)
+    compressed = compress_task(config.compress, exported, dataset, store, model=model)
     bundle = package_task(config.package, dataset, model, evaluation, exported, compressed, store)
     register_task(config.package, dataset, bundle, evaluation, store)
     return {"download": dataset, "validate": validation, "augment": policy, "train": model, "evaluate": evaluation,

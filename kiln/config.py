@@ -186,14 +186,74 @@ class ExportConfig(Section):
 
 
 class CompressConfig(Section):
-    method: Literal["int8_static", "none"] = "int8_static"
+    """Which compressed variants to build, how, and the policy that picks the one to ship (kiln/compression/)."""
+
+    # Deprecated single switch, kept so that `method: none` configs still work; `variants` is the real setting.
+    method: Literal["int8_static", "none"] | None = Field(
+        None, description="deprecated: none = variants [], int8_static = variants [int8_static]; overrides variants",
+    )
+    variants: list[Literal[
+        "int8_static", "int8_dynamic", "fp16", "prune_structured", "prune_unstructured", "distill", "distill_int8"
+    ]] = Field(
+        ["int8_static", "int8_dynamic", "fp16"],
+        validate_default=True,
+        description="variants to build, each exported to ONNX and re-evaluated against fp32 (which is always "
+        "measured); prune_* and distill* fine-tune/train and need the train output",
+    )
+    objective: Literal["latency", "throughput", "size"] = Field(
+        "latency",
+        description="among variants within max_accuracy_drop of fp32 (fp32 included): lowest batch-1 p50 latency, "
+        "highest batch-64 throughput, or smallest file",
+    )
+    max_accuracy_drop: float = Field(
+        0.005, ge=0, le=1, description="a variant may ship only if within this of fp32's accuracy (0.005 = 0.5 pt)",
+    )
+    exclude_from_selection: list[Literal[
+        "int8_static", "int8_dynamic", "fp16", "prune_structured", "prune_unstructured", "distill", "distill_int8"
+    ]] = Field(
+        ["fp16"],
+        description="built and reported but never shipped; fp16 by default: it is for GPU serving, and the policy "
+        "ranks by CPU measurements, where fp16 is not representative",
+    )
     calibration_samples: int = Field(256, ge=1, description="training images used to calibrate activation ranges")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True
-    max_accuracy_drop: float = Field(
-        0.01, ge=0, le=1, description="int8 ships only if within this of fp32 (0.01 = 1 pt)",
+    prune_amount: float = Field(
+        0.3, gt=0, lt=1, description="prune_structured: share of channels removed from every prunable layer",
     )
+    sparsity: float = Field(
+        0.5, gt=0, lt=1, description="prune_unstructured: share of all conv/linear weights set to zero (global L1)",
+    )
+    finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning (0: none)")
+    finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tuning peak lr = train.lr x this")
+    distill_student: Literal["slim", "mlp", "simple_cnn", "lenet", "resnet9"] = Field(
+        "slim", description="slim: the teacher's own architecture with every width scaled by distill_width",
+    )
+    distill_width: float = Field(
+        0.45, gt=0, le=1, description="slim student: channel width multiplier (0.45: about 1/5 of resnet9's weights)",
+    )
+    distill_temperature: float = Field(4.0, gt=0, le=100, description="softens teacher and student logits")
+    distill_alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target loss; 1 - alpha: hard labels")
+    distill_epochs: int = Field(10, ge=1, description="student training epochs")
     latency_runs: int = Field(50, ge=1, description="batch-1 runs timed per variant")
+    throughput_seconds: float = Field(1.0, gt=0, le=600, description="time spent running batches of 64 per variant")
+    timing_threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads for evaluation and timing; None: one per physical core "
+        "(as served). 1 gives steadier ratios on a shared machine",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _resolve_variants(cls, variants: list[str], info) -> list[str]:
+        method = info.data.get("method")
+        if method is not None:
+            variants = [] if method == "none" else [method]
+        duplicates = sorted({name for name in variants if variants.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"lists {', '.join(duplicates)} more than once")
+        if "distill_int8" in variants and "distill" not in variants:
+            raise ValueError("distill_int8 quantizes the distilled student: add distill to the list too")
+        return variants
 
 
 class PackageConfig(Section):

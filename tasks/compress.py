@@ -1,262 +1,367 @@
-"""Compress stage: post-training static int8 quantization of the exported model, re-evaluated against fp32.
+"""Compress stage: build the compressed variants of the exported model, re-evaluate each against fp32 on the full
+test set, measure them side by side, and pick the one to ship (kiln/compression/ does the work).
+
+Variants (`compress.variants`): int8_static (QDQ, calibrated), int8_dynamic (linear layers), fp16 (GPU serving),
+prune_structured (channels removed, fine-tuned), prune_unstructured (weights zeroed, fine-tuned), distill (a
+smaller student) and distill_int8 (that student in int8). The last four retrain from the train output.
 
 Output files:
-    model.int8.onnx          QDQ int8 model (int8_static only; checked with onnx.checker)
-    compression_report.csv   one row per variant: accuracy on the full test set, top-1 agreement with fp32, file
-                             size, batch-1 latency p50/p95, batch-64 throughput (onnxruntime, CPU)
+    model.<variant>.onnx     one per variant, with kiln's `input` -> `probabilities` interface, checked by
+                             onnx.checker (and, for retrained ones, against PyTorch) and run by onnxruntime
+    compression_report.csv   one row per variant, fp32 first: accuracy on the full test set, drop and top-1
+                             agreement against fp32, file and gzip size, parameters, zero weights, multiply-accumulates,
+                             batch-1 latency p50/p95, batch-64 throughput (all variants timed interleaved, same CPU,
+                             same run), Pareto front, whether it qualifies, and a note on what it is
     predictions.<variant>.npy  int64 top-1 class per test image, for later parity checks
-    selection.json           the variant to ship and why (int8 only if its accuracy drop is within budget)
+    history.<variant>.csv    per-epoch fine-tuning or distillation history (retrained variants)
+    variants.json            how each variant was made (kept channel widths, sparsity, student, epochs)
+    selection.json           the variant to ship, the policy's inputs, the qualifying variants and why others lost
+    report/pareto.png        accuracy vs latency scatter (outside the content digest)
 
 The fp32 model is not copied: it stays in the export output, which selection.json points to.
 """
 
 from __future__ import annotations
 
-import tempfile
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pandas as pd
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+from torch import nn
 
-from kiln.config import CompressConfig, StoreConfig
-from kiln.dataset import read_split, stratified_subsample
-from kiln.errors import ExportError
-from kiln.onnx_tools import (
-    INPUT_NAME,
-    check_onnx_file,
-    measure_latency,
-    measure_throughput,
-    ort_session,
-    run_onnx,
-    top1_agreement,
+from kiln.compression.distillation import build_student, distill
+from kiln.compression.finetune import fine_tune, teacher_recipe, to_cpu_fp32
+from kiln.compression.measure import count_macs, count_parameters, gzip_size, time_sessions, zero_weight_fraction
+from kiln.compression.plot import save_pareto_plot
+from kiln.compression.pruning import make_pruning_permanent, prune_channels, prune_unstructured, weight_sparsity
+from kiln.compression.quantization import (  # noqa: F401 - calibration_images and quantize_int8 are this stage's API
+    calibration_images,
+    convert_fp16,
+    quantize_dynamic_int8,
+    quantize_int8,
 )
+from kiln.compression.selection import FP32, VARIANT_NOTES, pareto_front, select_variant
+from kiln.config import CompressConfig, StoreConfig
+from kiln.dataset import read_split
+from kiln.errors import ConfigError, ExportError
+from kiln.models import load_model
+from kiln.onnx_export import default_opset, export_onnx, torch_probabilities
+from kiln.onnx_tools import check_onnx_file, ort_session, run_onnx, top1_agreement
 from kiln.runtime.preprocess import Preprocessing
 from kiln.stage import Stage
-from kiln.store import ArtifactRef, ArtifactStore, read_json, write_json
+from kiln.store import REPORT_DIR, ArtifactRef, ArtifactStore, read_json, write_json
+from kiln.training import AugmentedImages, Runtime, resolve_runtime
 from tasks._task import report, report_table, stage_task
 from tasks.export import MODEL_FILE as FP32_FILE
 from tasks.export import PREPROCESS_FILE
 
+LOGGER = logging.getLogger("kiln")
 STAGE = Stage("compress", __name__)
-INT8_FILE = "model.int8.onnx"
+VARIANT_ORDER = (  # build order: distill_int8 quantizes the distill output
+    "int8_static", "int8_dynamic", "fp16", "prune_structured", "prune_unstructured", "distill", "distill_int8",
+)  # fmt: skip
+RETRAINED = frozenset({"prune_structured", "prune_unstructured", "distill", "distill_int8"})  # need the train output
 REPORT_FILE = "compression_report.csv"
 SELECTION_FILE = "selection.json"
+DETAILS_FILE = "variants.json"
+PLOT_FILE = f"{REPORT_DIR}/pareto.png"
 REPORT_COLUMNS = (
-    "variant", "file", "accuracy", "agreement_with_fp32", "size_bytes", "params", "p50_ms", "p95_ms", "throughput_ips",
+    "variant", "file", "accuracy", "accuracy_drop", "agreement_with_fp32", "size_bytes", "gzip_size_bytes", "params",
+    "zero_weight_fraction", "macs", "p50_ms", "p95_ms", "throughput_ips", "throughput_vs_fp32", "pareto", "qualifies",
+    "note",
 )  # fmt: skip
-
-CALIBRATION_SEED = 0  # the stratified choice of calibration images is fixed, so the int8 model is reproducible
-CALIBRATION_BATCH = 32  # at most this many images per calibration run; the ranges do not depend on it
+METRIC_FIELDS = (
+    "accuracy", "agreement_with_fp32", "size_bytes", "params", "macs", "p50_ms", "p95_ms", "throughput_ips",
+)  # fmt: skip
 EVAL_CHUNK = 2048  # test images normalized at a time
 THROUGHPUT_BATCH = 64
-THROUGHPUT_SECONDS = 1.0  # time budget per variant for the throughput measurement
-THROUGHPUT_MAX_RUNS = 50  # ... or this many batches, whichever comes first
-ACCURACY_EPSILON = 1e-9  # accuracies are k/n fractions: don't let float rounding flip an exact-budget decision
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
+PARITY_SAMPLES = 64  # test images on which a retrained variant's ONNX export must match PyTorch
+PARITY_ATOL = 1e-4
 
 
-def compress(config: CompressConfig, exported: ArtifactRef, dataset: ArtifactRef, store: ArtifactStore) -> ArtifactRef:
-    """Quantize `exported`'s fp32 model (per `config.method`), evaluate every variant on the test set, choose one.
+def variant_file(variant: str) -> str:
+    return FP32_FILE if variant == FP32 else f"model.{variant}.onnx"
 
-    Returns the compress output's reference (reused when already in the store). Raises ExportError when the
-    quantized model is invalid or has no quantize/dequantize nodes.
+
+def compress(
+    config: CompressConfig,
+    exported: ArtifactRef,
+    dataset: ArtifactRef,
+    store: ArtifactStore,
+    model: ArtifactRef | None = None,
+) -> ArtifactRef:
+    """Build `config.variants` from `exported` (and, for pruning/distillation, from the train output `model`),
+    evaluate every variant and fp32 on `dataset`'s test set, and choose the one to ship.
+
+    Returns the compress output's reference (reused when already in the store). Raises ConfigError when a variant
+    needs `model` and none was given, ExportError when a variant's graph is invalid or does not match PyTorch.
     """
+    retrained = [name for name in config.variants if name in RETRAINED]
+    if retrained and model is None:
+        raise ConfigError(
+            f"compress.variants {retrained} retrain from the trained model, but the compress stage got no train "
+            "output: pass model=<train output> (the training flow does), or remove them from compress.variants"
+        )
+    inputs = {"exported": exported, "dataset": dataset} | ({"model": model} if model is not None else {})
 
     def build(out_dir: Path) -> dict[str, Any]:
         export_dir, dataset_dir = store.materialize(exported), store.materialize(dataset)
         prep = Preprocessing.from_json(read_json(export_dir / PREPROCESS_FILE))
-        variants = {"fp32": export_dir / FP32_FILE}
-        if config.method == "int8_static":
-            train_images, train_labels = read_split(dataset_dir, "train")
-            calibration = calibration_images(train_images, train_labels, config.calibration_samples, prep)
-            quantize_int8(variants["fp32"], out_dir / INT8_FILE, calibration, config)
-            variants["int8"] = out_dir / INT8_FILE
-
+        fp32_path = export_dir / FP32_FILE
         test_images, test_labels = read_split(dataset_dir, "test")
-        params = count_parameters(variants["fp32"])
-        rows: list[dict[str, Any]] = []
-        fp32_probabilities = None
-        for variant, path in variants.items():
-            row, probabilities = evaluate_variant(
-                variant, path, test_images, test_labels, prep, fp32_probabilities, config
-            )
-            fp32_probabilities = probabilities if variant == "fp32" else fp32_probabilities
-            row["params"] = params
-            rows.append(row)
-            np.save(out_dir / f"predictions.{variant}.npy", probabilities.argmax(axis=1).astype(np.int64))
-        pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).to_csv(out_dir / REPORT_FILE, index=False)
+        builder = _Builder(config, fp32_path, prep, dataset_dir, out_dir, test_images[:PARITY_SAMPLES])
+        if retrained:
+            builder.load_teacher(store, model)
+        sources = {FP32: fp32_path}  # variant -> the float graph its parameters and MACs are read from
+        for name in (name for name in VARIANT_ORDER if name in config.variants):
+            LOGGER.info(f"compress: building {name}")
+            sources[name] = builder.build(name)
+        write_json(out_dir / DETAILS_FILE, builder.details)
 
+        rows = evaluate_variants(sources, export_dir, out_dir, test_images, test_labels, prep, config)
         selection = select_variant(rows, config)
-        write_json(out_dir / SELECTION_FILE, selection)
-        metrics: dict[str, Any] = {"chosen": selection["chosen"], "test_samples": len(test_labels)}
         for row in rows:
-            for field in ("accuracy", "agreement_with_fp32", "size_bytes", "p50_ms", "p95_ms", "throughput_ips"):
-                metrics[f"{row['variant']}_{field}"] = row[field]
+            row["qualifies"] = row["variant"] in selection["candidates"]
+        pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).to_csv(out_dir / REPORT_FILE, index=False)
+        write_json(out_dir / SELECTION_FILE, selection)
+        (out_dir / REPORT_DIR).mkdir(exist_ok=True)
+        save_pareto_plot(rows, selection, out_dir / PLOT_FILE)
+
+        metrics: dict[str, Any] = {
+            "chosen": selection["chosen"],
+            "objective": config.objective,
+            "test_samples": len(test_labels),
+        }
+        for row in rows:
+            metrics.update({f"{row['variant']}_{field}": row[field] for field in METRIC_FIELDS})
         return metrics
 
-    return STAGE.produce(store, config, {"exported": exported, "dataset": dataset}, build)
+    return STAGE.produce(store, config, inputs, build)
 
 
-def calibration_images(
-    images: np.ndarray, labels: np.ndarray, count: int, prep: Preprocessing
-) -> np.ndarray:
-    """`count` training images (class-stratified, fixed seed), normalized to float32 [N, C, H, W]."""
-    chosen = stratified_subsample(labels, count, CALIBRATION_SEED)
-    return prep.normalize(images[chosen])
+class _Builder:
+    """Makes each variant's ONNX file in the output directory; keeps what retraining needs and what it did."""
 
+    def __init__(self, config, fp32_path: Path, prep: Preprocessing, dataset_dir: Path, out_dir: Path, parity_images):
+        self.config, self.fp32_path, self.prep, self.out_dir = config, fp32_path, prep, out_dir
+        self.parity_images = parity_images
+        self.opset = default_opset(onnx.load(str(fp32_path), load_external_data=False))
+        self.train_images, self.train_labels = read_split(dataset_dir, "train")
+        self.details: dict[str, dict[str, Any]] = {}
+        self._calibration: np.ndarray | None = None
+        self.teacher: nn.Module | None = None
 
-class _CalibrationReader:
-    """Feeds calibration images to onnxruntime's calibrator in batches (its CalibrationDataReader protocol)."""
+    @property
+    def calibration(self) -> np.ndarray:
+        if self._calibration is None:
+            self._calibration = calibration_images(
+                self.train_images, self.train_labels, self.config.calibration_samples, self.prep
+            )
+        return self._calibration
 
-    def __init__(self, images: np.ndarray, max_batch: int = CALIBRATION_BATCH):
-        # Every batch has the same size: the entropy/percentile calibrators stack per-batch outputs into one array
-        # and fail on a shorter last batch. So take the largest divisor of the image count within max_batch.
-        batch_size = max(size for size in range(1, max_batch + 1) if len(images) % size == 0)
-        self._batches = iter([images[start : start + batch_size] for start in range(0, len(images), batch_size)])
+    def load_teacher(self, store: ArtifactStore, model: ArtifactRef) -> None:
+        """The trained model, the recipe it was trained with, its augmentation and where to retrain."""
+        from kiln.augmentation import build_transform
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray, config: CompressConfig) -> None:
-    """Static int8 QDQ quantization of `fp32_path` into `int8_path`, calibrated on `calibration` images.
-
-    Raises ExportError when the result fails onnx.checker or contains no QuantizeLinear/DequantizeLinear nodes.
-    """
-    with tempfile.TemporaryDirectory(prefix="kiln-quant-") as scratch:
-        prepared = Path(scratch) / "model.prepared.onnx"
-        # Symbolic shape inference is meant for transformers and fails on some of our CNN graphs (e.g. the
-        # Reshape after ResNet-9's global pool); ONNX shape inference plus the graph optimizations suffice here.
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        softmax_nodes = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Softmax"]
-        quantize_static(
-            str(prepared),
-            str(int8_path),
-            _CalibrationReader(calibration),
-            # QDQ is the format onnxruntime recommends for CPU since 1.11: its CPU kernels fuse the QDQ patterns.
-            quant_format=QuantFormat.QDQ,
-            per_channel=config.per_channel,
-            # onnxruntime's CPU recommendation for x86: unsigned activations, signed weights (its u8s8 kernels).
-            # Without VNNI (plain AVX2) those kernels can saturate int16 intermediates, which onnxruntime avoids
-            # with reduce_range (7-bit weights). We don't know the deployment CPU, so we always reduce: on an AVX2
-            # build machine, full-range per-channel weights lost 1.5 points on digits (LeNet) against 0.0 with
-            # reduce_range, and the measured int8 accuracy then holds on VNNI, AVX2 and ARM CPUs alike.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            reduce_range=True,
-            calibrate_method=CALIBRATION_METHODS[config.calibrate_method],
-            # The softmax stays in float: quantizing its output would round probabilities to 1/255 steps.
-            nodes_to_exclude=softmax_nodes,
+        self.teacher, self.spec = load_model(store.materialize(model))
+        manifest = store.manifest(model)
+        self.recipe = teacher_recipe(manifest.config, self.spec.name)
+        policy = manifest.inputs.get("policy")
+        # The train stage's augmentation, so retraining sees the same kind of images (none for a bare model).
+        self.transform = (
+            build_transform(read_json(store.materialize(ArtifactRef(**policy)) / "policy.json")) if policy else None
         )
-    check_onnx_file(int8_path)
-    op_types = {node.op_type for node in onnx.load(str(int8_path)).graph.node}
-    if not {"QuantizeLinear", "DequantizeLinear"} <= op_types:
-        raise ExportError(
-            f"{int8_path.name} has no QuantizeLinear/DequantizeLinear nodes (ops: {sorted(op_types)}): nothing was "
-            f"quantized; set compress.method=none to ship fp32"
+        self.runtime: Runtime = resolve_runtime(self.recipe.device, self.recipe.precision)
+        for note in self.runtime.notes:
+            LOGGER.warning(note)
+
+    def build(self, name: str) -> Path:
+        """Write `name`'s ONNX file; returns the float graph its static figures are read from."""
+        path, config = self.out_dir / variant_file(name), self.config
+        if name == "int8_static":
+            quantize_int8(self.fp32_path, path, self.calibration, config)
+            return self.fp32_path
+        if name == "int8_dynamic":
+            quantize_dynamic_int8(self.fp32_path, path, config)
+            return self.fp32_path
+        if name == "fp16":
+            convert_fp16(self.fp32_path, path)
+            return path
+        if name == "distill_int8":
+            student_path = self.out_dir / variant_file("distill")
+            quantize_int8(student_path, path, self.calibration, config)
+            self.details[name] = {"from": "distill", "calibrate_method": config.calibrate_method}
+            return student_path
+        retrain: dict[str, Callable[[], nn.Module]] = {
+            "prune_structured": self._prune_structured,
+            "prune_unstructured": self._prune_unstructured,
+            "distill": self._distill,
+        }
+        self._export_checked(retrain[name](), path)
+        return path
+
+    def _prune_structured(self) -> nn.Module:
+        pruned, widths = prune_channels(self.teacher, self.config.prune_amount)
+        history = self._fine_tune(pruned, "prune_structured")
+        self.details["prune_structured"] = {
+            "amount": self.config.prune_amount,
+            "channel_widths": [{"before": before, "after": after} for before, after in widths],
+            "finetune_epochs": len(history),
+        }
+        return pruned
+
+    def _prune_unstructured(self) -> nn.Module:
+        sparse = prune_unstructured(self.teacher, self.config.sparsity)
+        history = self._fine_tune(sparse, "prune_unstructured")  # the masks keep pruned weights at zero meanwhile
+        make_pruning_permanent(sparse)
+        self.details["prune_unstructured"] = {
+            "requested_sparsity": self.config.sparsity,
+            "weight_sparsity": round(weight_sparsity(sparse), 6),
+            "finetune_epochs": len(history),
+        }
+        return sparse
+
+    def _distill(self) -> nn.Module:
+        config = self.config
+        student, description = build_student(self.spec, config.distill_student, config.distill_width, self.recipe.seed)
+        recipe = self.recipe.model_copy(update={"epochs": config.distill_epochs})
+        history = distill(
+            self.teacher,
+            student,
+            AugmentedImages(self.train_images, self.train_labels, self.transform),
+            self.prep,
+            recipe,
+            self.runtime,
+            config.distill_temperature,
+            config.distill_alpha,
+            on_epoch=_log_epoch("distill", config.distill_epochs),
         )
+        pd.DataFrame(history).to_csv(self.out_dir / "history.distill.csv", index=False)
+        self.teacher.cpu()
+        student_params = sum(parameter.numel() for parameter in student.parameters())
+        teacher_params = sum(parameter.numel() for parameter in self.teacher.parameters())
+        self.details["distill"] = {
+            "student": description,
+            "student_params": student_params,
+            "teacher_params": teacher_params,
+            "params_ratio": round(student_params / teacher_params, 4),
+            "temperature": config.distill_temperature,
+            "alpha": config.distill_alpha,
+            "epochs": config.distill_epochs,
+        }
+        return to_cpu_fp32(student)
+
+    def _fine_tune(self, model: nn.Module, name: str) -> list[dict[str, Any]]:
+        history = fine_tune(
+            model, self.train_images, self.train_labels, self.transform, self.prep, self.recipe, self.runtime,
+            self.config.finetune_epochs, self.config.finetune_lr_scale, _log_epoch(name, self.config.finetune_epochs),
+        )  # fmt: skip
+        if history:
+            pd.DataFrame(history).to_csv(self.out_dir / f"history.{name}.csv", index=False)
+        to_cpu_fp32(model)
+        return history
+
+    def _export_checked(self, model: nn.Module, path: Path) -> None:
+        """Export a retrained model and hold its ONNX graph to the export stage's standard: checker and parity."""
+        export_onnx(model, self.prep, path, self.opset)
+        check_onnx_file(path)
+        inputs = self.prep.normalize(self.parity_images)
+        difference = float(np.abs(run_onnx(ort_session(path), inputs) - torch_probabilities(model, inputs)).max())
+        if not difference <= PARITY_ATOL:  # `not <=` also catches NaN
+            raise ExportError(
+                f"{path.name}: onnxruntime and PyTorch disagree by up to {difference:.3g} (allowed {PARITY_ATOL}) on "
+                f"{len(inputs)} test images; the retrained model does not export faithfully"
+            )
 
 
-def count_parameters(path: Path) -> int:
-    """Number of floating-point weights in an fp32 ONNX model (its initializers), i.e. the network's parameters."""
-    model = onnx.load(str(path))
-    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    weights = [tensor for tensor in model.graph.initializer if tensor.data_type in floating]
-    return int(sum(np.prod(tensor.dims, dtype=np.int64) for tensor in weights))
+def _log_epoch(name: str, epochs: int) -> Callable[[dict[str, Any]], None]:
+    def log(row: dict[str, Any]) -> None:
+        LOGGER.info(f"compress {name}: epoch {row['epoch']}/{epochs}, loss {row['train_loss']:.4f}, "
+                    f"train acc {row['train_accuracy']:.3f}")  # fmt: skip
+
+    return log
 
 
-def evaluate_variant(
-    variant: str,
-    path: Path,
+def evaluate_variants(
+    sources: dict[str, Path],
+    export_dir: Path,
+    out_dir: Path,
     images: np.ndarray,
     labels: np.ndarray,
     prep: Preprocessing,
-    fp32_probabilities: np.ndarray | None,
     config: CompressConfig,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """One report row for the model at `path` (accuracy, agreement with fp32, size, latency, throughput) and its
-    probabilities for uint8 `images`. `fp32_probabilities` None means this is the fp32 reference itself."""
-    session = ort_session(path)
-    # Normalized in chunks: a float32 copy of a large test set of big images would not fit in memory at once.
-    probabilities = np.concatenate(
-        [
-            run_onnx(session, prep.normalize(images[start : start + EVAL_CHUNK]))
-            for start in range(0, len(images), EVAL_CHUNK)
-        ]
-    )
-    reference = probabilities if fp32_probabilities is None else fp32_probabilities
-    throughput_batch = prep.normalize(np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:])))  # repeats if few
-    latency = measure_latency(session, prep.normalize(images[:1]), runs=config.latency_runs)
-    row = {
-        "variant": variant,
-        "file": path.name,
-        "accuracy": round(float(np.mean(probabilities.argmax(axis=1) == labels)), 6),
-        "agreement_with_fp32": round(top1_agreement(probabilities, reference), 6),
-        "size_bytes": path.stat().st_size,
-        **latency,
-        "throughput_ips": measure_throughput(
-            session, throughput_batch, seconds_budget=THROUGHPUT_SECONDS, max_runs=THROUGHPUT_MAX_RUNS
-        ),
-    }
-    return row, probabilities
-
-
-def select_variant(rows: list[dict[str, Any]], config: CompressConfig) -> dict[str, Any]:
-    """The variant to ship: int8 when its accuracy is within `max_accuracy_drop` of fp32's, else fp32."""
-    by_variant = {row["variant"]: row for row in rows}
-    fp32 = by_variant["fp32"]
-    fp32_choice = {"chosen": "fp32", "file": FP32_FILE, "stage": "export"}  # the fp32 model lives in the export output
-    if "int8" not in by_variant:
-        return {**fp32_choice, "reason": "Compression is disabled (compress.method=none), so the fp32 model ships."}
-    int8 = by_variant["int8"]
-    drop = fp32["accuracy"] - int8["accuracy"]
-    budget = config.max_accuracy_drop
-    facts = {"accuracy_drop": round(drop, 6), "max_accuracy_drop": budget}
-    if drop <= budget + ACCURACY_EPSILON:
-        return {
-            "chosen": "int8",
-            "file": INT8_FILE,
-            "stage": "compress",
-            "reason": (
-                f"int8 accuracy {int8['accuracy']:.4f} against fp32's {fp32['accuracy']:.4f} is a drop of "
-                f"{drop:.4f}, within the {budget} allowed by compress.max_accuracy_drop, and the file is "
-                f"{fp32['size_bytes'] / max(int8['size_bytes'], 1):.1f}x smaller."
-            ),
-            **facts,
-        }
-    return {
-        **fp32_choice,
-        "reason": (
-            f"int8 accuracy {int8['accuracy']:.4f} is {drop:.4f} below fp32's {fp32['accuracy']:.4f}, more than the "
-            f"{budget} allowed by compress.max_accuracy_drop, so the fp32 model ships."
-        ),
-        **facts,
-    }
+) -> list[dict[str, Any]]:
+    """One report row per variant (fp32 first): accuracy on the full test set, agreement with fp32, sizes, static
+    figures from its float source graph, and timings measured for all variants together."""
+    sessions, rows = {}, []
+    fp32_probabilities: np.ndarray | None = None
+    for name, source in sources.items():
+        path = (export_dir if name == FP32 else out_dir) / variant_file(name)
+        session = sessions[name] = ort_session(path, config.timing_threads)
+        # Normalized in chunks: a float32 copy of a large test set of big images would not fit in memory at once.
+        chunks = range(0, len(images), EVAL_CHUNK)
+        probabilities = np.concatenate(
+            [run_onnx(session, prep.normalize(images[start : start + EVAL_CHUNK])) for start in chunks]
+        )
+        fp32_probabilities = probabilities if fp32_probabilities is None else fp32_probabilities
+        predictions = probabilities.argmax(axis=1).astype(np.int64)
+        np.save(out_dir / f"predictions.{name}.npy", predictions)
+        accuracy = round(float(np.mean(predictions == labels)), 6)
+        rows.append({
+            "variant": name,
+            "file": path.name,
+            "accuracy": accuracy,
+            "accuracy_drop": round(rows[0]["accuracy"] - accuracy, 6) if rows else 0.0,
+            "agreement_with_fp32": round(top1_agreement(probabilities, fp32_probabilities), 6),
+            "size_bytes": path.stat().st_size,
+            "gzip_size_bytes": gzip_size(path),
+            "params": count_parameters(source),
+            "zero_weight_fraction": zero_weight_fraction(source),
+            "macs": count_macs(source),
+            "note": VARIANT_NOTES.get(name, ""),
+        })  # fmt: skip
+    sample = prep.normalize(images[:1])
+    batch = prep.normalize(np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:])))  # repeats a small test set
+    timings = time_sessions(sessions, sample, batch, config.latency_runs, config.throughput_seconds)
+    for row in rows:
+        row.update(timings[row["variant"]])
+        row["throughput_vs_fp32"] = round(row["throughput_ips"] / max(timings[FP32]["throughput_ips"], 1e-9), 3)
+    front = pareto_front(rows)
+    for row in rows:
+        row["pareto"] = row["variant"] in front
+    return rows
 
 
 @stage_task(STAGE)
 def compress_task(
-    config: CompressConfig, exported: ArtifactRef, dataset: ArtifactRef, store: StoreConfig
+    config: CompressConfig,
+    exported: ArtifactRef,
+    dataset: ArtifactRef,
+    store: StoreConfig,
+    model: ArtifactRef | None = None,
 ) -> ArtifactRef:
-    """Quantize the exported model, re-evaluate every variant on the test set and choose the one to ship."""
+    """Build the compressed variants, re-evaluate each on the test set and choose the one to ship."""
     artifact_store = ArtifactStore(store.root)
-    ref = compress(config, exported, dataset, artifact_store)
+    ref = compress(config, exported, dataset, artifact_store, model=model)
     output_dir = artifact_store.materialize(ref)
     selection = read_json(output_dir / SELECTION_FILE)
     rows = pd.read_csv(output_dir / REPORT_FILE).to_dict(orient="records")
     lines = [
-        f"- {row['variant']}: accuracy {row['accuracy']:.2%}, {row['size_bytes']:,} bytes, "
-        f"p50 {row['p50_ms']:.2f} ms, {row['throughput_ips']:,.0f} images/s"
+        f"- {row['variant']}: accuracy {row['accuracy']:.2%}, {row['size_bytes']:,} bytes, {row['params']:,} params, "
+        f"p50 {row['p50_ms']:.3f} ms, {row['throughput_ips']:,.0f} images/s ({row['throughput_vs_fp32']:.2f}x fp32)"
+        f"{'' if row['qualifies'] else ', does not qualify'}"
         for row in rows
     ]
-    report(ref, store, "Compression", [*lines, f"- chosen: **{selection['chosen']}**. {selection['reason']}"])
-    report_table("kiln-compression", rows, "Model variants re-evaluated with onnxruntime on the test set (CPU)")
+    lines.append(f"- chosen: **{selection['chosen']}** (objective {selection['objective']}, budget "
+                 f"{selection['max_accuracy_drop']}). {selection['reason']}")  # fmt: skip
+    report(ref, store, "Compression", lines)
+    report_table(
+        "kiln-compression",
+        [{column: row[column] for column in REPORT_COLUMNS if column != "note"} for row in rows],
+        "Model variants re-evaluated with onnxruntime on the full test set, timed on the same CPU in the same run",
+    )
     return ref

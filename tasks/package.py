@@ -37,6 +37,12 @@ TRITON_DIR = "triton"
 RAW_INPUT_ATOL = 1e-6
 RAW_PARITY_ATOL = 1e-5
 PARITY_CHUNK = 1024
+SELECTION_POLICY_KEYS = ("objective", "max_accuracy_drop", "fp32_accuracy", "accuracy_drop", "candidates", "rejected")
+# The compression report's columns the model card shows (metrics.json keeps them all).
+CARD_COMPRESSION_COLUMNS = (
+    "variant", "accuracy", "agreement_with_fp32", "size_bytes", "params", "macs", "p50_ms", "p95_ms", "throughput_ips",
+    "qualifies",
+)  # fmt: skip
 
 
 def package(
@@ -73,6 +79,7 @@ def package(
             "compression": compression.to_dict(orient="records"),
             "chosen_variant": selection["chosen"],
             "selection_reason": selection["reason"],
+            "selection_policy": {key: selection.get(key) for key in SELECTION_POLICY_KEYS},
             "raw_input_parity": raw_parity,
         }
         write_json(bundle_dir / "metrics.json", metrics)
@@ -177,6 +184,7 @@ def model_card(
     train_config = train_manifest.config
     per_class = pd.read_csv(dirs["evaluation"] / "per_class.csv")
     compression = pd.DataFrame(metrics["compression"])
+    compression = compression[[column for column in CARD_COMPRESSION_COLUMNS if column in compression.columns]]
     parity = read_json(dirs["exported"] / PARITY_FILE)
     verdict = "blessed" if evaluation["blessed"] else "NOT blessed (below the gate; do not deploy)"
     lines = [
@@ -189,7 +197,7 @@ def model_card(
         f"- architecture: `{training['model']}`, {training['parameters']:,} parameters",
         f"- input: {info.image_shape[0]}x{info.image_shape[1]} pixels, {info.image_shape[2]} channel(s); "
         "see `preprocess.json` for resizing and normalization",
-        f"- shipped variant: **{metrics['chosen_variant']}** ({metrics['selection_reason']})",
+        f"- shipped variant: **{metrics['chosen_variant']}** (why: see Compression and export below)",
         "",
         "## Training",
         f"- data: {info.counts['train']} training images ({training['validation_samples']} of them held out to "
@@ -208,7 +216,12 @@ def model_card(
         f"- ONNX export parity vs PyTorch: max |Δp| {parity['max_abs_diff']:.2e}, "
         f"top-1 agreement {parity['top1_agreement']:.4f}",
         "",
+        *_selection_lines(metrics),
+        "",
         _markdown_table(compression),
+        "",
+        "Every variant was re-evaluated with onnxruntime on the full test split and timed on the CPU of the machine "
+        "that ran the compress stage, all in the same run (latency at batch 1, throughput at batch 64).",
         "",
         "## Use",
         f"`model.onnx` takes raw images: `image` uint8 [N, {info.image_shape[0]}, {info.image_shape[1]}, "
@@ -235,6 +248,21 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _selection_lines(metrics: dict[str, Any]) -> list[str]:
+    """Why the shipped variant ships: the policy's inputs, the variants that qualified and why the others did not."""
+    policy = metrics.get("selection_policy") or {}
+    lines = [f"- shipped: **{metrics['chosen_variant']}**. {metrics['selection_reason']}"]
+    if policy.get("objective") is not None:
+        lines.append(
+            f"- policy: among variants at most {policy['max_accuracy_drop']} less accurate than fp32 "
+            f"(`compress.max_accuracy_drop`) and not excluded, the best by `compress.objective` = "
+            f"{policy['objective']}; qualifying: {', '.join(policy.get('candidates') or ['fp32'])}"
+        )
+    for variant, why in (policy.get("rejected") or {}).items():
+        lines.append(f"- not eligible: {variant} ({why})")
+    return lines
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:

@@ -1,4 +1,5 @@
-"""The compress stage: a valid QDQ int8 model, a re-evaluation of every variant, and an honest choice between them."""
+"""The compress stage: every variant is a valid ONNX model that onnxruntime runs, every variant is re-evaluated and
+measured, and the policy ships the best qualifying one (fp32 when none qualifies)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,27 @@ import pytest
 import tasks.compress
 from kiln.config import CompressConfig, ExportConfig, StoreConfig
 from kiln.dataset import read_split
+from kiln.errors import ConfigError
 from kiln.onnx_tools import ort_session, run_onnx
 from kiln.runtime.preprocess import Preprocessing
 from kiln.store import ArtifactStore, read_json
 from tasks.compress import (
-    INT8_FILE,
+    DETAILS_FILE,
+    PLOT_FILE,
     REPORT_COLUMNS,
     REPORT_FILE,
     SELECTION_FILE,
+    VARIANT_ORDER,
     calibration_images,
     compress,
-    select_variant,
+    variant_file,
 )
 from tasks.export import export
 from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
 
-CONFIG = CompressConfig(latency_runs=5)
+FAST = {"latency_runs": 5, "throughput_seconds": 0.05, "timing_threads": 1}  # timings need only exist here
+CONFIG = CompressConfig(**FAST)  # the default variants: int8_static, int8_dynamic, fp16
+EVERYTHING = CompressConfig(variants=list(VARIANT_ORDER), finetune_epochs=1, distill_epochs=2, **FAST)
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +42,20 @@ def exported(tmp_path_factory):
     store = ArtifactStore(tmp_path_factory.mktemp("compress") / "store")
     dataset_ref = publish_dataset(store, make_blobs_dataset())
     model_ref = publish_model(store, dataset_ref)
-    return store, dataset_ref, export(ExportConfig(), model_ref, dataset_ref, store)
+    return store, dataset_ref, model_ref, export(ExportConfig(), model_ref, dataset_ref, store)
 
 
 @pytest.fixture(scope="module")
 def compressed(exported):
-    store, dataset_ref, export_ref = exported
-    return compress(CONFIG, export_ref, dataset_ref, store)
+    """Every variant, retrained ones included (1 fine-tuning epoch, 2 distillation epochs: validity, not quality)."""
+    store, dataset_ref, model_ref, export_ref = exported
+    return compress(EVERYTHING, export_ref, dataset_ref, store, model=model_ref)
 
 
 @pytest.fixture
 def fresh(exported, tmp_path: Path):
     """A private copy of the module's dataset and export, for tests that monkeypatch the stage."""
-    store, dataset_ref, export_ref = exported
+    store, dataset_ref, _, export_ref = exported
     copy, (dataset_ref_copy, export_ref_copy) = copy_outputs(store, [dataset_ref, export_ref], tmp_path / "store")
     return copy, dataset_ref_copy, export_ref_copy
 
@@ -57,62 +64,117 @@ def report_rows(store: ArtifactStore, ref) -> pd.DataFrame:
     return pd.read_csv(store.materialize(ref) / REPORT_FILE)
 
 
-def test_int8_model_is_a_valid_qdq_graph_that_onnxruntime_runs(exported, compressed):
-    store, dataset_ref, export_ref = exported
-    out = store.materialize(compressed)
-    onnx.checker.check_model(str(out / INT8_FILE), full_check=True)
-    op_types = {node.op_type for node in onnx.load(str(out / INT8_FILE)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types
+@pytest.mark.parametrize("variant", VARIANT_ORDER)
+def test_every_variant_is_a_valid_onnx_model_that_onnxruntime_runs(exported, compressed, variant):
+    store, dataset_ref, _, export_ref = exported
+    path = store.materialize(compressed) / variant_file(variant)
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    assert [value.name for value in model.graph.input] == ["input"]  # the interface the package stage wraps
+    assert [value.name for value in model.graph.output] == ["probabilities"]
+    op_types = {node.op_type for node in model.graph.node}
+    expected_ops = {"int8_static": {"QuantizeLinear", "DequantizeLinear"}, "distill_int8": {"QuantizeLinear"},
+                    "int8_dynamic": {"MatMulInteger"}}.get(variant, set())  # fmt: skip
+    assert expected_ops <= op_types
+    if variant == "fp16":
+        assert any(tensor.data_type == onnx.TensorProto.FLOAT16 for tensor in model.graph.initializer)
 
     prep = Preprocessing.from_json(read_json(store.materialize(export_ref) / "preprocess.json"))
     test_images, _ = read_split(store.materialize(dataset_ref), "test")
-    session = ort_session(out / INT8_FILE)
+    session = ort_session(path)
     for batch_size in (1, 7):
         probabilities = run_onnx(session, prep.normalize(test_images[:batch_size]))
-        assert probabilities.shape == (batch_size, 3)
-        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)  # the softmax stayed in float
-    assert "model.fp32.onnx" not in {entry.path for entry in store.manifest(compressed).files}
+        assert probabilities.shape == (batch_size, 3) and probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)  # the softmax stayed in float
 
 
 def test_report_has_one_sane_row_per_variant_matching_the_saved_predictions(exported, compressed):
-    store, dataset_ref, _ = exported
-    out = store.materialize(compressed)
+    store, dataset_ref, _, export_ref = exported
+    out, export_dir = store.materialize(compressed), store.materialize(export_ref)
     rows = report_rows(store, compressed).set_index("variant")
     _, test_labels = read_split(store.materialize(dataset_ref), "test")
 
     assert list(pd.read_csv(out / REPORT_FILE).columns) == list(REPORT_COLUMNS)
-    assert list(rows.index) == ["fp32", "int8"]
-    for variant in ("fp32", "int8"):
-        predictions = np.load(out / f"predictions.{variant}.npy")
-        assert predictions.dtype == np.int64 and predictions.shape == test_labels.shape
-        assert rows.loc[variant, "accuracy"] == pytest.approx(np.mean(predictions == test_labels))
-        assert rows.loc[variant, "p50_ms"] > 0 and rows.loc[variant, "p50_ms"] <= rows.loc[variant, "p95_ms"]
-        assert rows.loc[variant, "throughput_ips"] > 0
+    assert list(rows.index) == ["fp32", *VARIANT_ORDER]
     fp32_predictions = np.load(out / "predictions.fp32.npy")
-    int8_predictions = np.load(out / "predictions.int8.npy")
-    assert rows.loc["int8", "agreement_with_fp32"] == pytest.approx(np.mean(int8_predictions == fp32_predictions))
-    assert rows.loc["fp32", "agreement_with_fp32"] == 1.0
+    for variant in rows.index:
+        predictions = np.load(out / f"predictions.{variant}.npy")
+        assert predictions.dtype == np.int64 and predictions.shape == test_labels.shape  # the full test set
+        row = rows.loc[variant]
+        assert row["accuracy"] == pytest.approx(np.mean(predictions == test_labels))
+        assert row["agreement_with_fp32"] == pytest.approx(np.mean(predictions == fp32_predictions))
+        assert row["accuracy_drop"] == pytest.approx(rows.loc["fp32", "accuracy"] - row["accuracy"])
+        assert 0 < row["p50_ms"] <= row["p95_ms"] and row["throughput_ips"] > 0
+        assert row["size_bytes"] == ((export_dir if variant == "fp32" else out) / row["file"]).stat().st_size
+        assert row["params"] > 0 and row["macs"] > 0 and isinstance(row["note"], str) and row["note"]
+    assert rows.loc["fp32", "agreement_with_fp32"] == 1.0 and rows.loc["fp32", "throughput_vs_fp32"] == 1.0
     assert rows.loc["fp32", "accuracy"] >= 0.9  # the fixture model has learned the blobs
-    assert rows.loc["fp32", "size_bytes"] > 2.5 * rows.loc["int8", "size_bytes"]  # int8 weights: about 4x smaller
-    assert rows.loc["fp32", "params"] == rows.loc["int8", "params"] > 0
+    assert rows["pareto"].any()
 
 
-def test_int8_is_chosen_when_its_accuracy_drop_is_within_budget(exported, compressed):
-    store, _, _ = exported
+def test_each_variant_shrinks_what_it_claims_to(exported, compressed):
+    store, *_ = exported
     rows = report_rows(store, compressed).set_index("variant")
-    assert rows.loc["fp32", "accuracy"] - rows.loc["int8", "accuracy"] <= CONFIG.max_accuracy_drop
+    fp32 = rows.loc["fp32"]
+    # Quantization and fp16 store the same network in fewer bytes.
+    assert fp32["size_bytes"] > 2.5 * rows.loc["int8_static", "size_bytes"]  # int8 weights: about 4x smaller
+    assert fp32["size_bytes"] > 1.7 * rows.loc["fp16", "size_bytes"]
+    assert fp32["size_bytes"] > rows.loc["int8_dynamic", "size_bytes"]  # only the linear layers are int8
+    for variant in ("int8_static", "int8_dynamic", "fp16"):
+        assert (rows.loc[variant, "params"], rows.loc[variant, "macs"]) == (fp32["params"], fp32["macs"])
+    # Structured pruning makes a smaller network: fewer weights and fewer multiply-accumulates.
+    assert rows.loc["prune_structured", "params"] < 0.75 * fp32["params"]
+    assert rows.loc["prune_structured", "macs"] < 0.75 * fp32["macs"]
+    # Unstructured pruning only zeroes weights: same dense size and arithmetic, but the file compresses better.
+    sparse = rows.loc["prune_unstructured"]
+    assert sparse["zero_weight_fraction"] >= EVERYTHING.sparsity - 0.01 and fp32["zero_weight_fraction"] < 0.01
+    for column in ("params", "macs", "size_bytes"):
+        assert sparse[column] == fp32[column]
+    assert sparse["gzip_size_bytes"] < 0.8 * fp32["gzip_size_bytes"]
+    assert "no faster" in sparse["note"]
+    # The student is a quarter of the teacher or less; its int8 copy has the same network in fewer bytes.
+    assert rows.loc["distill", "params"] <= 0.3 * fp32["params"]
+    assert rows.loc["distill_int8", "params"] == rows.loc["distill", "params"]
+    assert rows.loc["distill_int8", "size_bytes"] < rows.loc["distill", "size_bytes"]
 
-    selection = read_json(store.materialize(compressed) / SELECTION_FILE)
-    assert (selection["chosen"], selection["file"], selection["stage"]) == ("int8", INT8_FILE, "compress")
-    assert "within" in selection["reason"]
-    metrics = store.manifest(compressed).metrics
-    assert metrics["chosen"] == "int8"
-    assert metrics["int8_size_bytes"] == rows.loc["int8", "size_bytes"]
-    assert metrics["fp32_accuracy"] == rows.loc["fp32", "accuracy"]
+
+def test_variants_json_says_how_each_retrained_variant_was_made(exported, compressed):
+    store, *_ = exported
+    out = store.materialize(compressed)
+    details = read_json(out / DETAILS_FILE)
+    widths = details["prune_structured"]["channel_widths"]
+    assert widths and all(group["after"] < group["before"] for group in widths)
+    assert details["prune_unstructured"]["weight_sparsity"] == pytest.approx(EVERYTHING.sparsity, abs=0.01)
+    assert details["distill"]["student"] == "simple_cnn at width 0.45" and details["distill"]["params_ratio"] <= 0.3
+    for variant, epochs in (("prune_structured", 1), ("prune_unstructured", 1), ("distill", 2)):
+        assert len(pd.read_csv(out / f"history.{variant}.csv")) == epochs
 
 
-def test_fp32_is_chosen_when_int8_loses_too_much_accuracy(fresh, monkeypatch):
-    """A quantizer that broke the model: the int8 session's classes come out shifted by one."""
+def test_selection_ships_a_qualifying_variant_and_records_why(exported, compressed):
+    store, *_ = exported
+    out = store.materialize(compressed)
+    rows = report_rows(store, compressed).set_index("variant")
+    selection = read_json(out / SELECTION_FILE)
+    chosen = selection["chosen"]
+
+    qualifying = rows[rows["qualifies"]]
+    assert set(qualifying.index) == set(selection["candidates"]) and chosen in selection["candidates"]
+    assert rows.loc[chosen, "p50_ms"] == qualifying["p50_ms"].min()  # objective latency: the fastest of them
+    assert (qualifying["accuracy_drop"] <= EVERYTHING.max_accuracy_drop + 1e-9).all()
+    assert "fp16" not in selection["candidates"] and "exclude_from_selection" in selection["rejected"]["fp16"]
+    expected_dir = store.materialize(exported[3]) if chosen == "fp32" else out
+    assert (expected_dir / selection["file"]).is_file()
+    assert selection["stage"] == ("export" if chosen == "fp32" else "compress")
+    assert selection["objective"] == "latency" and selection["reason"].endswith(".")
+    assert store.manifest(compressed).metrics["chosen"] == chosen
+    assert store.manifest(compressed).metrics["prune_structured_macs"] == rows.loc["prune_structured", "macs"]
+    files = {entry.path for entry in store.manifest(compressed).files}
+    assert PLOT_FILE in files and "model.fp32.onnx" not in files
+    assert (out / PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+
+
+def test_fp32_ships_when_every_variant_loses_too_much_accuracy(fresh, monkeypatch):
+    """A compressor that broke the models: every variant's classes come out shifted by one."""
     store, dataset_ref, export_ref = fresh
 
     class ShiftedClasses:
@@ -127,61 +189,47 @@ def test_fp32_is_chosen_when_int8_loses_too_much_accuracy(fresh, monkeypatch):
 
     def session_for(path, threads=None):
         session = ort_session(path, threads)
-        return ShiftedClasses(session) if Path(path).name == INT8_FILE else session
+        return session if Path(path).name == "model.fp32.onnx" else ShiftedClasses(session)
 
     monkeypatch.setattr(tasks.compress, "ort_session", session_for)
     ref = compress(CONFIG, export_ref, dataset_ref, store)
 
     rows = report_rows(store, ref).set_index("variant")
-    assert rows.loc["fp32", "accuracy"] - rows.loc["int8", "accuracy"] > CONFIG.max_accuracy_drop
-    assert rows.loc["int8", "agreement_with_fp32"] < 0.5
+    assert (rows.drop(index="fp32")["accuracy_drop"] > CONFIG.max_accuracy_drop).all()
+    assert (rows.drop(index="fp32")["agreement_with_fp32"] < 0.5).all()
     selection = read_json(store.materialize(ref) / SELECTION_FILE)
     assert (selection["chosen"], selection["file"], selection["stage"]) == ("fp32", "model.fp32.onnx", "export")
-    assert "compress.max_accuracy_drop" in selection["reason"]
+    assert selection["candidates"] == ["fp32"] and selection["reason"].startswith("No compressed variant qualifies")
+    assert "compress.max_accuracy_drop" in selection["rejected"]["int8_static"]
     assert store.manifest(ref).metrics["chosen"] == "fp32"
 
 
-def make_row(variant: str, accuracy: float, size_bytes: int) -> dict:
-    return {"variant": variant, "accuracy": accuracy, "size_bytes": size_bytes}
+def test_no_variants_reports_only_fp32_and_ships_it(exported):
+    store, dataset_ref, _, export_ref = exported
+    for config in (CompressConfig(variants=[], **FAST), CompressConfig(method="none", **FAST)):  # method: the old key
+        ref = compress(config, export_ref, dataset_ref, store)
+        out = store.materialize(ref)
+        assert list(report_rows(store, ref)["variant"]) == ["fp32"]
+        assert not list(out.glob("model.*.onnx")) and not (out / "predictions.int8_static.npy").exists()
+        selection = read_json(out / SELECTION_FILE)
+        assert (selection["chosen"], selection["stage"]) == ("fp32", "export")
+        assert "compress.variants is empty" in selection["reason"]
 
 
-@pytest.mark.parametrize(
-    ("fp32_accuracy", "int8_accuracy", "budget", "chosen"),
-    [
-        (0.97, 0.96, 0.01, "int8"),  # exactly at the budget (0.97 - 0.96 is 0.01000...09 in floats)
-        (0.97, 0.955, 0.01, "fp32"),
-        (0.90, 0.91, 0.0, "int8"),  # int8 better than fp32
-        (0.90, 0.90, 0.0, "int8"),
-        (0.90, 0.8999, 0.0, "fp32"),
-    ],
-)
-def test_select_variant_applies_the_accuracy_budget(fp32_accuracy, int8_accuracy, budget, chosen):
-    rows = [make_row("fp32", fp32_accuracy, 400), make_row("int8", int8_accuracy, 100)]
-    selection = select_variant(rows, CompressConfig(max_accuracy_drop=budget))
-    assert selection["chosen"] == chosen
-    assert selection["accuracy_drop"] == pytest.approx(fp32_accuracy - int8_accuracy)
-    assert selection["reason"].endswith(".")
-
-
-def test_method_none_reports_only_fp32_and_ships_it(exported):
-    store, dataset_ref, export_ref = exported
-    ref = compress(CompressConfig(method="none", latency_runs=3), export_ref, dataset_ref, store)
-    out = store.materialize(ref)
-    assert list(report_rows(store, ref)["variant"]) == ["fp32"]
-    assert not (out / INT8_FILE).exists() and not (out / "predictions.int8.npy").exists()
-    selection = read_json(out / SELECTION_FILE)
-    assert (selection["chosen"], selection["stage"]) == ("fp32", "export")
-    assert "compress.method=none" in selection["reason"]
+def test_retrained_variants_need_the_train_output(exported):
+    store, dataset_ref, _, export_ref = exported
+    with pytest.raises(ConfigError, match=r"\['prune_structured'\] retrain from the trained model.*model="):
+        compress(CompressConfig(variants=["int8_static", "prune_structured"]), export_ref, dataset_ref, store)
 
 
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_calibration_methods_quantize_too(exported, method):
-    store, dataset_ref, export_ref = exported
-    config = CompressConfig(calibrate_method=method, per_channel=False, latency_runs=3)
+    store, dataset_ref, _, export_ref = exported
+    config = CompressConfig(variants=["int8_static"], calibrate_method=method, per_channel=False, **FAST)
     ref = compress(config, export_ref, dataset_ref, store)
-    op_types = {node.op_type for node in onnx.load(str(store.materialize(ref) / INT8_FILE)).graph.node}
+    op_types = {node.op_type for node in onnx.load(str(store.materialize(ref) / "model.int8_static.onnx")).graph.node}
     assert "QuantizeLinear" in op_types
-    assert set(report_rows(store, ref)["variant"]) == {"fp32", "int8"}
+    assert list(report_rows(store, ref)["variant"]) == ["fp32", "int8_static"]
 
 
 def test_calibration_images_are_a_deterministic_stratified_sample(blobs):
@@ -195,12 +243,30 @@ def test_calibration_images_are_a_deterministic_stratified_sample(blobs):
 
 
 def test_rerun_reuses_the_stored_output(exported, compressed):
-    store, dataset_ref, export_ref = exported
-    again = compress(CONFIG, export_ref, dataset_ref, store)
+    store, dataset_ref, model_ref, export_ref = exported
+    again = compress(EVERYTHING, export_ref, dataset_ref, store, model=model_ref)
     assert again.reused is True and again.digest == compressed.digest
 
 
 def test_compress_task_wraps_the_stage_for_prefect(exported, compressed):
-    store, dataset_ref, export_ref = exported
-    ref = tasks.compress.compress_task.fn(CONFIG, export_ref, dataset_ref, StoreConfig(root=store.url))
+    store, dataset_ref, model_ref, export_ref = exported
+    store_config = StoreConfig(root=store.url)
+    ref = tasks.compress.compress_task.fn(EVERYTHING, export_ref, dataset_ref, store_config, model=model_ref)
     assert ref.reused is True and ref.digest == compressed.digest
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"variants": ["int8_static", "int8_static"]}, "lists int8_static more than once"),
+        ({"variants": ["distill_int8"]}, "add distill to the list too"),
+        ({"variants": ["int4"]}, "Input should be 'int8_static'"),
+        ({"objective": "speed"}, "Input should be 'latency', 'throughput' or 'size'"),
+        ({"prune_amount": 1.0}, "less than 1"),
+    ],
+)
+def test_config_rejects_bad_compression_settings(overrides, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        CompressConfig(**overrides)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kiln.bundle import load_bundle
-from kiln.config import CompressConfig, PackageConfig
+from kiln.config import CompressConfig, EvaluateConfig, ExportConfig, PackageConfig
 from kiln.errors import BundleError
 from kiln.onnx_tools import ort_session
 from kiln.store import ArtifactStore
@@ -21,12 +21,15 @@ from tests.kiln.test_triton import one, parse_pbtxt
 from tests.support.bundles import build_bundle
 
 
+FAST_COMPRESS = CompressConfig(latency_runs=3, throughput_seconds=0.05)  # the default variants, timed briefly
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     store = ArtifactStore(tmp_path_factory.mktemp("package") / "store")
     dataset_ref = publish_dataset(store, make_blobs_dataset())
     model_ref = publish_model(store, dataset_ref)
-    ref, bundle_dir = build_bundle(store, dataset_ref, model_ref)
+    ref, bundle_dir = build_bundle(store, dataset_ref, model_ref, compress_config=FAST_COMPRESS)
     return store, dataset_ref, model_ref, ref, bundle_dir
 
 
@@ -93,3 +96,47 @@ def test_a_raw_model_out_of_parity_publishes_nothing(built, monkeypatch, tmp_pat
     with pytest.raises(BundleError, match="differs from model.fp32.onnx on the test set: model input max"):
         build_bundle(broken, dataset_copy, model_copy, compress_config=CompressConfig(method="none", latency_runs=3))
     assert not (tmp_path / "store" / "package").exists() or not any((tmp_path / "store" / "package").iterdir())
+
+
+def test_the_model_card_says_which_variant_ships_and_why(built):
+    *_, bundle_dir = built
+    card = (bundle_dir / "model_card.md").read_text()
+    metrics = json.loads((bundle_dir / "metrics.json").read_text())
+    chosen = metrics["chosen_variant"]
+    policy = metrics["selection_policy"]
+
+    assert chosen in policy["candidates"] and policy["objective"] == "latency"
+    assert f"- shipped: **{chosen}**. {metrics['selection_reason']}" in card
+    assert "`compress.objective` = latency" in card and f"qualifying: {', '.join(policy['candidates'])}" in card
+    assert "- not eligible: fp16 (listed in compress.exclude_from_selection: it is built for GPU serving" in card
+    assert [row["variant"] for row in metrics["compression"]] == ["fp32", "int8_static", "int8_dynamic", "fp16"]
+    assert "| variant | accuracy | agreement_with_fp32 | size_bytes | params | macs |" in card
+
+
+def test_a_pruned_variant_ships_behind_the_same_raw_image_front_end(built, tmp_path: Path):
+    """The policy can choose a retrained variant; the bundle then serves that network, in parity, with its card."""
+    from tasks.compress import compress
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+    from tasks.package import bundle_location, package
+
+    store, dataset_ref, model_ref, _, _ = built
+    copy, (dataset_copy, model_copy) = copy_outputs(store, [dataset_ref, model_ref], tmp_path / "store")
+    exported = export(ExportConfig(), model_copy, dataset_copy, copy)
+    # Budget 1 and objective size: the pruned network is smaller than fp32, so it must win.
+    smallest = CompressConfig(variants=["prune_structured"], objective="size", max_accuracy_drop=1.0,
+                              finetune_epochs=1, latency_runs=3, throughput_seconds=0.05)  # fmt: skip
+    compressed = compress(smallest, exported, dataset_copy, copy, model=model_copy)
+    evaluation = evaluate(EvaluateConfig(), model_copy, dataset_copy, copy)
+    ref = package(PackageConfig(archive=False), dataset_copy, model_copy, evaluation, exported, compressed, copy)
+    bundle_dir = Path(bundle_location(ref, copy)[0])
+
+    bundle = load_bundle(bundle_dir)
+    assert bundle.manifest["chosen_variant"] == "prune_structured"
+    expected = np.load(copy.materialize(compressed) / "predictions.prune_structured.npy")
+    images = make_blobs_dataset().test_images
+    np.testing.assert_array_equal(bundle.predict_arrays(images).argmax(axis=1), expected)
+    assert json.loads((bundle_dir / "metrics.json").read_text())["raw_input_parity"]["class_index_disagreements"] == 0
+    assert "- shipped: **prune_structured**. prune_structured has the smallest file" in (
+        bundle_dir / "model_card.md"
+    ).read_text()
