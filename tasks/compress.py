@@ -345,7 +345,7 @@ def compress_task(
     model: ArtifactRef | None = None,
 ) -> ArtifactRef:
     """Build the compressed variants, re-evaluate each on the test set and choose the one to ship."""
-    artifact_store = ArtifactStore(store.root)
+    artifact_store = ArtifactStore(store.root, store.on_corrupt)
     ref = compress(config, exported, dataset, artifact_store, model=model)
     output_dir = artifact_store.materialize(ref)
     selection = read_json(output_dir / SELECTION_FILE)

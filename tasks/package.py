@@ -283,7 +283,7 @@ def package_task(
     store: StoreConfig,
 ) -> ArtifactRef:
     """Build the deployment bundle."""
-    artifact_store = ArtifactStore(store.root)
+    artifact_store = ArtifactStore(store.root, store.on_corrupt)
     ref = package(config, dataset, model, evaluation, exported, compressed, artifact_store)
     bundle, archive = bundle_location(ref, artifact_store)
     metrics = artifact_store.manifest(ref).metrics
