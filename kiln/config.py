@@ -52,6 +52,16 @@ class DataConfig(Section):
     timeout_s: float = Field(60.0, gt=0, description="per HTTP request")
     seed: int = Field(0, description="for the stratified split and subsampling")
 
+    @field_validator("classes")
+    @classmethod
+    def _distinct_class_names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        names = [str(name).strip() for name in value]
+        if len(names) < 2 or any(not name for name in names) or len(set(names)) != len(names):
+            raise ValueError("must list at least two distinct, non-empty class names, e.g. [cat, dog]")
+        return names
+
 
 class DriftLimits(Section):
     """How far data may drift from a reference (production's data) before it counts: see kiln/drift.py."""
@@ -211,9 +221,10 @@ class CompressConfig(Section):
     exclude_from_selection: list[Literal[
         "int8_static", "int8_dynamic", "fp16", "prune_structured", "prune_unstructured", "distill", "distill_int8"
     ]] = Field(
-        ["fp16"],
-        description="built and reported but never shipped; fp16 by default: it is for GPU serving, and the policy "
-        "ranks by CPU measurements, where fp16 is not representative",
+        ["fp16", "int8_dynamic"],
+        description="built and reported but never shipped. By default fp16 (it is for GPU serving, and the policy "
+        "ranks by CPU measurements, where fp16 is not representative) and int8_dynamic (its activation scales are "
+        "computed over each whole batch, so an image's probabilities depend on the other images sent with it)",
     )
     calibration_samples: int = Field(256, ge=1, description="training images used to calibrate activation ranges")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"

@@ -158,3 +158,11 @@ def test_editing_a_listed_image_makes_a_new_download(store, photos):
     (photos / "images" / "0.png").write_bytes(image_file((1, 2, 3)))
     second = download(imagefolder(manifest), store)
     assert not second.reused and second.digest != first.digest
+
+
+@pytest.mark.parametrize("classes", [["cat", "cat"], ["cat"], ["cat", ""]])
+def test_a_declared_class_list_that_cannot_be_a_class_set(classes):
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.classes: Value error, must list at least two distinct, non-empty"):
+        load_config("imagefolder", overrides=["data.uri=labels.csv", f"data.classes=[{', '.join(classes)}]"])

@@ -3,6 +3,7 @@ a runtime, and a bundle that verifies."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -140,3 +141,30 @@ def test_a_pruned_variant_ships_behind_the_same_raw_image_front_end(built, tmp_p
     assert "- shipped: **prune_structured**. prune_structured has the smallest file" in (
         bundle_dir / "model_card.md"
     ).read_text()
+
+
+def test_a_dynamically_quantized_variant_ships_in_parity_over_several_batches(tmp_path: Path):
+    """int8_dynamic computes activation scales per batch, so the raw-image parity check must batch both models alike
+    (it once compared 1,024-image chunks with 256-image ones and refused the bundle). It ships only when opted in."""
+    from tasks.compress import compress
+    from tasks.evaluate import evaluate
+    from tasks.export import export
+    from tasks.package import bundle_location, package
+
+    store = ArtifactStore(tmp_path / "store")
+    blobs = make_blobs_dataset(per_class_test=100)  # 300 test images: more than one 256-image batch
+    test_images = blobs.test_images.copy()
+    test_images[256:] //= 8  # a dim last batch: its own activation range, unlike the first 256 images
+    dataset_ref = publish_dataset(store, dataclasses.replace(blobs, test_images=test_images))
+    model_ref = publish_model(store, dataset_ref, "mlp")
+    exported = export(ExportConfig(), model_ref, dataset_ref, store)
+    assert "int8_dynamic" in CompressConfig().exclude_from_selection  # batch-dependent outputs: not shipped by default
+    opted_in = CompressConfig(variants=["int8_dynamic"], objective="size", max_accuracy_drop=1.0,
+                              exclude_from_selection=[], latency_runs=3, throughput_seconds=0.05)  # fmt: skip
+    compressed = compress(opted_in, exported, dataset_ref, store)
+    evaluation = evaluate(EvaluateConfig(), model_ref, dataset_ref, store)
+    ref = package(PackageConfig(archive=False), dataset_ref, model_ref, evaluation, exported, compressed, store)
+
+    bundle_dir = Path(bundle_location(ref, store)[0])
+    assert load_bundle(bundle_dir).manifest["chosen_variant"] == "int8_dynamic"
+    assert json.loads((bundle_dir / "metrics.json").read_text())["raw_input_parity"]["samples"] == 300
