@@ -42,7 +42,7 @@ from PIL import Image
 from kiln.config import DataConfig
 from kiln.dataset import read_split
 from kiln.store import MANIFEST_NAME, ArtifactRef, ArtifactStore
-from tests.support.archives import tar_gz, zip_archive  # noqa: F401  (re-exported for the catalog's tests)
+from tests.support.archives import tar_gz, write_tree, zip_archive  # noqa: F401  (re-exported for the catalog's tests)
 
 DOWNLOAD_FILES = {"train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "dataset.json",
                   "samples.csv", "skipped.csv"}  # fmt: skip
@@ -116,14 +116,6 @@ def two_classes(per_class: int = 3, prefix: str = "", **image) -> dict[str, byte
         for name, colour in colours.items()
         for index in range(per_class)
     }
-
-
-def write_tree(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def imagefolder(uri: str | Path, **settings) -> DataConfig:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 import zipfile
 from pathlib import Path
@@ -11,18 +10,13 @@ import pytest
 
 from kiln.errors import DataError
 from kiln.sources.archives import open_archive
+from tests.support.archives import tar_gz
 
 MiB = 1024 * 1024
 
 
 def write_tar(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = ()) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tar.addfile(info)
+    path.write_bytes(tar_gz(files, tuple(extra)))
     return path
 
 

@@ -1,10 +1,20 @@
-"""In-memory archives for tests that feed archives to the download stage."""
+"""Files for tests that feed the download stage: a tree written to disk, or an in-memory archive."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 import zipfile
+from pathlib import Path
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    """Write {relative path: bytes} under `root` (folders created as needed); returns `root`."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
 
 
 def tar_gz(files: dict[str, bytes], extra_members: tuple[tarfile.TarInfo, ...] = ()) -> bytes:

@@ -26,7 +26,7 @@ from kiln.sources.http import fetch
 from kiln.store import ArtifactStore, sha256_file
 from tasks.download import STAGE, download, download_task, retry_on_download_error
 from tests.conftest import SHARED_CIFAR
-from tests.support.archives import tar_gz, zip_archive
+from tests.support.archives import tar_gz, write_tree, zip_archive
 from tests.support.http_server import LocalServer, serve_http
 
 
@@ -39,12 +39,7 @@ def image_bytes(value: int, size: tuple[int, int] = (8, 8), mode: str = "RGB", f
     return buffer.getvalue()
 
 
-def write_files(root: Path, files: dict[str, bytes]) -> Path:
-    for name, data in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
+write_files = write_tree
 
 
 def class_files(prefix: str, classes: dict[str, int], per_class: int, **image) -> dict[str, bytes]:
