@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow
 
 from flows.hooks import publish_failure_summary
+from flows.results import results_in_store
 from flows.training_pipeline import training_pipeline
 from kiln.config import PipelineConfig, RetrainPolicy, load_config
 from tasks.detect_change import detect_change_task
@@ -27,11 +28,12 @@ from tasks.download import download_task
 )
 def retrain(config: PipelineConfig = load_config("quickstart"), policy: RetrainPolicy = RetrainPolicy()) -> dict[str, Any]:
     """Retrain when the data source changed beyond `policy`'s thresholds; otherwise finish and say so."""
-    dataset = download_task(config.data, config.store)
-    decision = detect_change_task(policy, config.package, dataset, config.store)
-    if not decision["retrain"]:
-        return decision
-    outputs = training_pipeline(config)
+    with results_in_store(config.store):  # and the subflow's (flows/results.py)
+        dataset = download_task(config.data, config.store)
+        decision = detect_change_task(policy, config.package, dataset, config.store)
+        if not decision["retrain"]:
+            return decision
+        outputs = training_pipeline(config)
     return {**decision, "bundle": outputs["package"].uri}
 
 

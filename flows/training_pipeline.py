@@ -11,6 +11,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.hooks import publish_failure_summary
+from flows.results import results_in_store
 from kiln.config import PipelineConfig, load_config
 from kiln.store import ArtifactRef
 from tasks.augment import augment_task
@@ -37,19 +38,21 @@ def training_pipeline(config: PipelineConfig = load_config("quickstart")) -> dic
     and is not worse than the current production model on this test set (champion/challenger).
     """
     store = config.store
-    dataset = download_task(config.data, store)
-    reference = find_reference_data_task(config.package, dataset, store)  # production's data, to measure drift against
-    validation = validate_task(config.validation, dataset, store, reference)
-    policy = augment_task(config.augment, dataset, store)
-    model = train_task(config.train, dataset, policy, store)
-    evaluation = evaluate_task(config.evaluate, model, dataset, store)
-    gate_task(config.evaluate, evaluation, store)
-    exported = export_task(config.export, model, dataset, store)
-    compressed = compress_task(config.compress, exported, dataset, store, model=model)
-    bundle = package_task(config.package, dataset, model, evaluation, exported, compressed, store)
-    register_task(config.package, dataset, bundle, evaluation, store)
-    return {"download": dataset, "validate": validation, "augment": policy, "train": model, "evaluate": evaluation,
-            "export": exported, "compress": compressed, "package": bundle}  # fmt: skip
+    with results_in_store(store):  # Prefect results and cache records next to the outputs (flows/results.py)
+        dataset = download_task(config.data, store)
+        # production's data, to measure drift against
+        reference = find_reference_data_task(config.package, dataset, store)
+        validation = validate_task(config.validation, dataset, store, reference)
+        policy = augment_task(config.augment, dataset, store)
+        model = train_task(config.train, dataset, policy, store)
+        evaluation = evaluate_task(config.evaluate, model, dataset, store)
+        gate_task(config.evaluate, evaluation, store)
+        exported = export_task(config.export, model, dataset, store)
+        compressed = compress_task(config.compress, exported, dataset, store, model=model)
+        bundle = package_task(config.package, dataset, model, evaluation, exported, compressed, store)
+        register_task(config.package, dataset, bundle, evaluation, store)
+        return {"download": dataset, "validate": validation, "augment": policy, "train": model, "evaluate": evaluation,
+                "export": exported, "compress": compressed, "package": bundle}  # fmt: skip
 
 
 if __name__ == "__main__":

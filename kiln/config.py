@@ -289,6 +289,11 @@ class StoreConfig(Section):
         "recompute",
         description="a stored output whose files no longer match their sha256: set it aside and recompute, or stop",
     )
+    prefect_results: bool = Field(
+        True,
+        description="keep Prefect's task results and cache records under <root>/.prefect-results, shared by every "
+        "worker that reaches the store; false leaves them to Prefect's result storage settings",
+    )
 
 
 class RetrainPolicy(DriftLimits):

@@ -16,6 +16,7 @@ from kiln.dataset import ImageDataset, write_dataset
 from kiln.models import ModelSpec, build_model, save_model
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore
+from tests.support.s3 import s3_root, s3_server  # noqa: F401 (fixtures for every test module)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 
