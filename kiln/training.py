@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,22 +129,33 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """Per-step learning-rate factors. `onecycle` is a linear warm-up from lr/25 to lr over `warmup_fraction` of the
+    steps, then a linear decay to zero; written out rather than torch's OneCycleLR, which divides by zero when the
+    warm-up rounds to a single step (a few batches of a small dataset) and also cycles the momentum."""
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=total_steps + 1, pct_start=config.warmup_fraction,
-            anneal_strategy="linear",
-        )
+        warmup = max(1, round(config.warmup_fraction * total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_then_linear, warmup, total_steps))
     warmup = max(1, total_steps // 20)
+    if config.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_then_cosine, warmup, total_steps))
 
-    def factor(step: int) -> float:
-        if config.schedule == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def _warmup_then_linear(warmup: int, total_steps: int, step: int) -> float:
+    if step < warmup:
+        return 1 / 25 + (1 - 1 / 25) * step / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total_steps - warmup))
+
+
+def _warmup_then_cosine(warmup: int, total_steps: int, step: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 @torch.no_grad()
@@ -186,6 +198,23 @@ def _test_time_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return views
 
 
+class Objective:
+    """What fit minimises: cross-entropy with the labels. A subclass adds terms (distillation's soft targets,
+    kiln/compression/distillation.py) and per-epoch figures, and gets all of fit with them: the data paths,
+    precision, compile, EMA, DDP and checkpoint/resume."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss(self, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's loss from the model's float32 `logits` for the normalized `inputs`."""
+        return self.cross_entropy(logits, labels)
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        """Extra figures for the epoch's history row (this process's share under DDP); called once per epoch."""
+        return {}
+
+
 COMPILE_MIN_STEPS = 2000  # compile=auto: below this many steps, compiling (tens of seconds) costs more than it saves
 PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
 
@@ -200,6 +229,7 @@ def fit(
     checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
     distributed: Distributed | None = None,
+    objective: Objective | None = None,
 ) -> list[dict[str, Any]]:
     """Train for config.epochs, checkpointing after every epoch and resuming from `checkpoint_path` if present.
 
@@ -221,7 +251,7 @@ def fit(
     optimizer = make_optimizer(model, config, fused=runtime.device.type == "cuda")
     scheduler = make_scheduler(optimizer, config, config.epochs * len(batches))
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    objective = objective or Objective(config.label_smoothing)
     resuming = checkpoint_path.exists()
     if not resuming and hasattr(model, "prepare"):  # data-dependent initialisation (FastNet's whitening)
         model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
@@ -253,7 +283,7 @@ def fit(
         for inputs, labels in batches.epoch(generator):
             with runtime.autocast():
                 logits = step(inputs)
-                loss = loss_fn(logits.float(), labels)
+                loss = objective.loss(inputs, logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -278,6 +308,7 @@ def fit(
             "seconds": round(seconds, 3),
             "images_per_s": round(seen / max(seconds, 1e-9), 1),
             "data_path": batches.name,
+            **objective.epoch_metrics(),
         }
         history.append(row)
         if writer:

@@ -24,6 +24,7 @@ The fp32 model is not copied: it stays in the export output, which selection.jso
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,13 +108,16 @@ def compress(
             "output: pass model=<train output> (the training flow does), or remove them from compress.variants"
         )
     inputs = {"exported": exported, "dataset": dataset} | ({"model": model} if model is not None else {})
+    key = STAGE.key(config, inputs)
 
     def build(out_dir: Path) -> dict[str, Any]:
         export_dir, dataset_dir = store.materialize(exported), store.materialize(dataset)
         prep = Preprocessing.from_json(read_json(export_dir / PREPROCESS_FILE))
         fp32_path = export_dir / FP32_FILE
         test_images, test_labels = read_split(dataset_dir, "test")
-        builder = _Builder(config, fp32_path, prep, dataset_dir, out_dir, test_images[:PARITY_SAMPLES])
+        # Fine-tuning and distillation checkpoint every epoch there, so a killed compress resumes them.
+        scratch = store.scratch_dir(STAGE.name, key)
+        builder = _Builder(config, fp32_path, prep, dataset_dir, out_dir, test_images[:PARITY_SAMPLES], scratch)
         if retrained:
             builder.load_teacher(store, model)
         sources = {FP32: fp32_path}  # variant -> the float graph its parameters and MACs are read from
@@ -140,14 +144,17 @@ def compress(
             metrics.update({f"{row['variant']}_{field}": row[field] for field in METRIC_FIELDS})
         return metrics
 
-    return STAGE.produce(store, config, inputs, build)
+    ref = STAGE.produce(store, config, inputs, build)
+    shutil.rmtree(store.scratch_dir(STAGE.name, key), ignore_errors=True)  # published: checkpoints are done
+    return ref
 
 
 class _Builder:
     """Makes each variant's ONNX file in the output directory; keeps what retraining needs and what it did."""
 
-    def __init__(self, config, fp32_path: Path, prep: Preprocessing, dataset_dir: Path, out_dir: Path, parity_images):
-        self.config, self.fp32_path, self.prep, self.out_dir = config, fp32_path, prep, out_dir
+    def __init__(self, config, fp32_path: Path, prep: Preprocessing, dataset_dir: Path, out_dir: Path, parity_images,
+                 scratch: Path):  # fmt: skip
+        self.config, self.fp32_path, self.prep, self.out_dir, self.scratch = config, fp32_path, prep, out_dir, scratch
         self.parity_images = parity_images
         self.opset = default_opset(onnx.load(str(fp32_path), load_external_data=False))
         self.train_images, self.train_labels = read_split(dataset_dir, "train")
@@ -238,6 +245,7 @@ class _Builder:
             self.runtime,
             config.distill_temperature,
             config.distill_alpha,
+            self.scratch / "distill.pt",
             on_epoch=_log_epoch("distill", config.distill_epochs),
         )
         pd.DataFrame(history).to_csv(self.out_dir / "history.distill.csv", index=False)
@@ -258,7 +266,8 @@ class _Builder:
     def _fine_tune(self, model: nn.Module, name: str) -> list[dict[str, Any]]:
         history = fine_tune(
             model, self.train_images, self.train_labels, self.transform, self.prep, self.recipe, self.runtime,
-            self.config.finetune_epochs, self.config.finetune_lr_scale, _log_epoch(name, self.config.finetune_epochs),
+            self.config.finetune_epochs, self.config.finetune_lr_scale, self.scratch / f"{name}.pt",
+            _log_epoch(name, self.config.finetune_epochs),
         )  # fmt: skip
         if history:
             pd.DataFrame(history).to_csv(self.out_dir / f"history.{name}.csv", index=False)

@@ -5,24 +5,23 @@ probabilities as well as from the labels.
 
 T (temperature) > 1 exposes the teacher's "dark knowledge" (which wrong classes it finds plausible); the T² factor
 keeps the soft term's gradients on the scale of the hard one's. Teacher and student see the same augmented batch.
-The loop mirrors kiln.training.fit (optimizer recipe, schedule, device normalization, autocast) without its
-checkpointing: a student trains in minutes, and fit's loss is fixed to cross-entropy.
+The student is trained by kiln.training.fit with this loss as its objective, so it gets the train stage's data
+paths, precision, compile and per-epoch checkpoints: a distillation killed midway resumes from its last epoch.
 """
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kiln.config import TrainConfig
 from kiln.models import ModelSpec, build_model
 from kiln.runtime.preprocess import Preprocessing
-from kiln.training import AugmentedImages, DeviceNormalizer, EpochCallback, Runtime, make_optimizer, make_scheduler
+from kiln.training import AugmentedImages, EpochCallback, Objective, Runtime, fit
 from kiln.compression.pruning import slim_copy
 
 
@@ -54,6 +53,30 @@ def distillation_loss(
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
 
+class DistillationObjective(Objective):
+    """fit's objective for a student: `distillation_loss` against the frozen teacher's logits for the same batch,
+    and each epoch's top-1 agreement with the teacher."""
+
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing)
+        self.teacher, self.temperature, self.alpha = teacher.eval(), temperature, alpha
+        self.label_smoothing = label_smoothing
+        self.agreed: torch.Tensor | int = 0  # accumulated on the device: no GPU sync per step
+        self.seen = 0
+
+    def loss(self, inputs: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs).float()
+        self.agreed = self.agreed + (logits.detach().argmax(dim=1) == teacher_logits.argmax(dim=1)).sum()
+        self.seen += len(labels)
+        return distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha, self.label_smoothing)
+
+    def epoch_metrics(self) -> dict[str, Any]:
+        agreement = round(int(self.agreed) / max(self.seen, 1), 5)
+        self.agreed, self.seen = 0, 0
+        return {"teacher_agreement": agreement}
+
+
 def distill(
     teacher: nn.Module,
     student: nn.Module,
@@ -63,65 +86,16 @@ def distill(
     runtime: Runtime,
     temperature: float,
     alpha: float,
+    checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `student` in place for config.epochs against `teacher` (frozen, eval mode) on `train_set`.
+    """Train `student` in place for config.epochs against `teacher` (frozen, eval mode) on `train_set` with fit,
+    checkpointing to `checkpoint_path` after every epoch and resuming from it if present.
 
-    Returns the per-epoch history (loss, the student's training accuracy and agreement with the teacher).
+    Returns fit's per-epoch history, with the student's agreement with the teacher.
     """
-    torch.manual_seed(config.seed)
-    teacher.to(runtime.device).eval()
-    student.to(runtime.device)
-    generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > config.batch_size,
-        num_workers=config.num_workers,
-        pin_memory=runtime.device.type == "cuda",
-        generator=generator,
-    )
-    optimizer = make_optimizer(student, config)
-    scheduler = make_scheduler(optimizer, config, config.epochs * len(loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
-    normalizer = DeviceNormalizer(prep, runtime.device)
-    history: list[dict[str, Any]] = []
-    for epoch in range(1, config.epochs + 1):
-        student.train()
-        started = time.perf_counter()
-        loss_sum, correct, agree, seen = 0.0, 0, 0, 0
-        for images, labels in loader:
-            inputs = normalizer(images.to(runtime.device, non_blocking=True))
-            labels = labels.to(runtime.device, non_blocking=True)
-            with runtime.autocast():
-                with torch.no_grad():
-                    teacher_logits = teacher(inputs).float()
-                student_logits = student(inputs)
-                loss = distillation_loss(
-                    student_logits.float(), teacher_logits, labels, temperature, alpha, config.label_smoothing
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            predicted = student_logits.argmax(dim=1)
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += int((predicted == labels).sum())
-            agree += int((predicted == teacher_logits.argmax(dim=1)).sum())
-            seen += len(labels)
-        seconds = time.perf_counter() - started
-        row = {
-            "epoch": epoch,
-            "train_loss": round(loss_sum / max(seen, 1), 5),
-            "train_accuracy": round(correct / max(seen, 1), 5),
-            "teacher_agreement": round(agree / max(seen, 1), 5),
-            "lr": round(scheduler.get_last_lr()[0], 6),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 1),
-        }
-        history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-    return history
+    teacher.to(runtime.device)
+    if runtime.device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)  # fit makes the student's inputs channels_last there
+    objective = DistillationObjective(teacher, temperature, alpha, config.label_smoothing)
+    return fit(student, train_set, None, prep, config, runtime, checkpoint_path, on_epoch, objective=objective)

@@ -7,7 +7,6 @@ good, and fine-tuning only has to recover what pruning disturbed.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,22 +40,20 @@ def fine_tune(
     runtime: Runtime,
     epochs: int,
     lr_scale: float,
+    checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` in place for `epochs` on the training split (uint8 NHWC `images`), at `lr_scale` × the
-    recipe's peak learning rate; returns fit's per-epoch history ([] for 0 epochs). Leaves the model on the CPU in
-    fp32, eval mode."""
+    recipe's peak learning rate, checkpointing to `checkpoint_path` after every epoch and resuming from it if
+    present; returns fit's per-epoch history ([] for 0 epochs)."""
     history: list[dict[str, Any]] = []
     if epochs > 0:
         config = recipe.model_copy(
             update={"epochs": epochs, "lr": recipe.lr * lr_scale, "schedule": "cosine", "validation_fraction": 0.0}
         )
-        with tempfile.TemporaryDirectory(prefix="kiln-finetune-") as scratch:
-            # fit() resumes from an existing checkpoint; a fresh directory means a fresh start every time.
-            history = fit(
-                model, AugmentedImages(images, labels, transform), None, prep, config, runtime,
-                Path(scratch) / "checkpoint.pt", on_epoch,
-            )  # fmt: skip
+        history = fit(
+            model, AugmentedImages(images, labels, transform), None, prep, config, runtime, checkpoint_path, on_epoch
+        )
     return history
 
 

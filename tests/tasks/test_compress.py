@@ -148,6 +148,36 @@ def test_variants_json_says_how_each_retrained_variant_was_made(exported, compre
     assert details["distill"]["student"] == "simple_cnn at width 0.45" and details["distill"]["params_ratio"] <= 0.3
     for variant, epochs in (("prune_structured", 1), ("prune_unstructured", 1), ("distill", 2)):
         assert len(pd.read_csv(out / f"history.{variant}.csv")) == epochs
+    assert "teacher_agreement" in pd.read_csv(out / "history.distill.csv")
+    assert not (Path(store.root) / ".scratch" / "compress" / compressed.key).exists()  # checkpoints gone once published
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_compress_killed_during_distillation_resumes_it(exported, tmp_path, monkeypatch, caplog):
+    import logging
+
+    store, *refs = exported
+    copy, (dataset_ref, model_ref, export_ref) = copy_outputs(store, refs, tmp_path / "store")
+    config = CompressConfig(variants=["distill"], distill_epochs=3, **FAST)
+    log_epoch = tasks.compress._log_epoch
+
+    def killed_after_epoch_1(name, epochs):
+        def on_epoch(row):
+            if row["epoch"] == 1:
+                raise Killed
+        return on_epoch
+
+    monkeypatch.setattr(tasks.compress, "_log_epoch", killed_after_epoch_1)
+    with pytest.raises(Killed):
+        compress(config, export_ref, dataset_ref, copy, model=model_ref)
+    monkeypatch.setattr(tasks.compress, "_log_epoch", log_epoch)
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        ref = compress(config, export_ref, dataset_ref, copy, model=model_ref)
+    assert "resuming from the checkpoint after epoch 1 of 3" in caplog.text
+    assert list(pd.read_csv(copy.materialize(ref) / "history.distill.csv")["epoch"]) == [1, 2, 3]
 
 
 def test_selection_ships_a_qualifying_variant_and_records_why(exported, compressed):

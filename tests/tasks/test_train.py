@@ -106,3 +106,25 @@ def test_weights_that_are_not_plain_tensors_are_refused(store, dataset_ref, poli
     with pytest.raises(IntegrityError, match="not a plain tensor state_dict.*refusing to load it"):
         load_model(out)
     assert "arbitrary code" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 4, 5, 9, 400])
+def test_the_onecycle_schedule_warms_up_then_decays_to_zero_for_any_length(total_steps):
+    """A few batches of a small dataset used to divide by zero in torch's OneCycleLR (warm-up of one step)."""
+    from kiln.training import make_scheduler
+
+    config = TrainConfig(schedule="onecycle", lr=0.2, warmup_fraction=0.2, optimizer="sgd", momentum=0.85)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr, momentum=config.momentum)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(total_steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    used = rates[:total_steps]  # the rate of each step taken; rates[total_steps] would be the next one's
+    peak = used.index(max(used))
+    assert used[0] == pytest.approx(config.lr / 25) and max(used) <= config.lr
+    assert used[: peak + 1] == sorted(used[: peak + 1]) and used[peak:] == sorted(used[peak:], reverse=True)
+    if total_steps >= 2:
+        assert max(used) == pytest.approx(config.lr) and rates[total_steps] == 0.0
+    assert optimizer.param_groups[0]["momentum"] == config.momentum
