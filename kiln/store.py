@@ -219,12 +219,11 @@ class ArtifactStore:
     @contextmanager
     def building(self, stage: str, key: str) -> Iterator[None]:
         """Held while `stage`/`key` is built, so that concurrent runs with the same inputs build it once: the
-        second waits, then finds the first one's output. Local stores only (an flock); on other stores both build,
-        the first manifest published wins and the other run's files are discarded (see `publish`)."""
-        if not self.is_local:
-            yield
-            return
-        lock_dir = Path(self.root, LOCKS_DIR)
+        second waits, then finds the first one's output. An flock: beside a local store, for all its users; for a
+        remote store, in this host's scratch area, so runs on one host never share a half-written checkpoint there.
+        Runs on different hosts both build a remote output: the first manifest published wins and the other run's
+        files are discarded (see `publish`)."""
+        lock_dir = Path(self.root if self.is_local else self._host_scratch_base(), LOCKS_DIR)
         lock_dir.mkdir(parents=True, exist_ok=True)
         with open(lock_dir / f"{stage}-{key}.lock", "a") as handle:
             try:
@@ -356,10 +355,15 @@ class ArtifactStore:
 
     def scratch_dir(self, stage: str, key: str) -> Path:
         """A local directory that survives a crash (e.g. training checkpoints), for resuming the same output."""
-        base = Path(self.root) if self.is_local else Path(tempfile.gettempdir()) / "kiln-scratch"
+        base = Path(self.root) if self.is_local else self._host_scratch_base()
         path = base / ".scratch" / stage / key
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def _host_scratch_base(self) -> Path:
+        """This host's local area for a remote store: one per store URL, so two stores never share a lock."""
+        digest = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "kiln-scratch" / digest
 
     def verify(self, ref: ArtifactRef) -> None:
         """Check every file of a stored output against its manifest; IntegrityError naming the first bad file."""

@@ -208,8 +208,18 @@ class _Builder:
             "prune_unstructured": self._prune_unstructured,
             "distill": self._distill,
         }
-        self._export_checked(retrain[name](), path)
+        model = retrain[name]()
+        try:
+            self._export_checked(model, path)
+        except Exception:
+            # Its training is checkpointed as finished: a retry would resume into the same failure, so retrain.
+            self._checkpoint(name).unlink(missing_ok=True)
+            raise
         return path
+
+    def _checkpoint(self, name: str) -> Path:
+        """Where `name`'s retraining checkpoints every epoch (kept until the output is published)."""
+        return self.scratch / f"{name}.pt"
 
     def _prune_structured(self) -> nn.Module:
         pruned, widths = prune_channels(self.teacher, self.config.prune_amount)
@@ -245,7 +255,7 @@ class _Builder:
             self.runtime,
             config.distill_temperature,
             config.distill_alpha,
-            self.scratch / "distill.pt",
+            self._checkpoint("distill"),
             on_epoch=_log_epoch("distill", config.distill_epochs),
         )
         pd.DataFrame(history).to_csv(self.out_dir / "history.distill.csv", index=False)
@@ -266,7 +276,7 @@ class _Builder:
     def _fine_tune(self, model: nn.Module, name: str) -> list[dict[str, Any]]:
         history = fine_tune(
             model, self.train_images, self.train_labels, self.transform, self.prep, self.recipe, self.runtime,
-            self.config.finetune_epochs, self.config.finetune_lr_scale, self.scratch / f"{name}.pt",
+            self.config.finetune_epochs, self.config.finetune_lr_scale, self._checkpoint(name),
             _log_epoch(name, self.config.finetune_epochs),
         )  # fmt: skip
         if history:

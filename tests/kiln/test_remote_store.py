@@ -120,6 +120,8 @@ def test_writers_racing_in_threads_publish_exactly_one_output(s3_root, tmp_path)
 
     def writer(label: str) -> ArtifactRef:
         store = ArtifactStore(s3_root)  # one per writer, as separate runs would have
+        # ... on separate hosts: each its own scratch area and build lock (runs on one host build once, in turn).
+        store._host_scratch_base = lambda: tmp_path / "hosts" / label
         publish_manifest = store._create_only
 
         def publish_together(path: str, data: bytes) -> None:
@@ -204,7 +206,9 @@ def test_without_a_create_only_write_overlapping_writers_still_agree_on_one_outp
     results: dict[str, ArtifactRef] = {}
 
     def writer(label: str) -> None:
-        results[label] = STAGE.produce(ArtifactStore(root), AugmentConfig(), {}, build_as(label))
+        store = ArtifactStore(root)
+        store._host_scratch_base = lambda: tmp_path / "hosts" / label  # as if on separate hosts (see above)
+        results[label] = STAGE.produce(store, AugmentConfig(), {}, build_as(label))
 
     threads = [threading.Thread(target=writer, args=(label,)) for label in labels]
     for thread in threads:
@@ -212,6 +216,35 @@ def test_without_a_create_only_write_overlapping_writers_still_agree_on_one_outp
     for thread in threads:
         thread.join(timeout=60)
     assert_one_output(ArtifactStore(root), "demo", key, [results[label] for label in labels], labels, tmp_path)
+
+
+def test_runs_on_one_host_build_a_remote_output_once(s3_root, tmp_path):
+    """Two runs on the same host take turns (an flock in the host's scratch area): the second finds the first's
+    output and reuses it, instead of building beside it and resuming from its half-written checkpoints."""
+    builds: list[str] = []
+    first_building, results = threading.Event(), {}
+
+    def build(label: str):
+        def build_output(out_dir: Path) -> dict[str, str]:
+            builds.append(label)
+            first_building.set()
+            time.sleep(0.5)  # long enough for the other run to arrive and wait
+            return build_as(label)(out_dir)
+
+        return build_output
+
+    def run(label: str) -> None:
+        if label == "second":
+            first_building.wait(timeout=30)
+        results[label] = STAGE.produce(ArtifactStore(s3_root), AugmentConfig(), {}, build(label))
+
+    threads = [threading.Thread(target=run, args=(label,)) for label in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert builds == ["first"]
+    assert results["second"].reused and results["second"].digest == results["first"].digest
 
 
 # --- corruption and setting aside ---------------------------------------------------------------------------------

@@ -149,7 +149,8 @@ def test_variants_json_says_how_each_retrained_variant_was_made(exported, compre
     for variant, epochs in (("prune_structured", 1), ("prune_unstructured", 1), ("distill", 2)):
         assert len(pd.read_csv(out / f"history.{variant}.csv")) == epochs
     assert "teacher_agreement" in pd.read_csv(out / "history.distill.csv")
-    assert not (Path(store.root) / ".scratch" / "compress" / compressed.key).exists()  # checkpoints gone once published
+    scratch = Path(store.root) / ".scratch" / "compress"
+    assert not scratch.exists() or not any(scratch.iterdir())  # the retraining checkpoints are gone once published
 
 
 class Killed(Exception):
@@ -178,6 +179,26 @@ def test_a_compress_killed_during_distillation_resumes_it(exported, tmp_path, mo
         ref = compress(config, export_ref, dataset_ref, copy, model=model_ref)
     assert "resuming from the checkpoint after epoch 1 of 3" in caplog.text
     assert list(pd.read_csv(copy.materialize(ref) / "history.distill.csv")["epoch"]) == [1, 2, 3]
+
+
+def test_a_variant_that_fails_its_export_check_is_retrained_on_retry(exported, tmp_path, monkeypatch, caplog):
+    """Its finished training is not resumed: a retry would only reach the same failure again."""
+    import logging
+
+    store, *refs = exported
+    copy, (dataset_ref, model_ref, export_ref) = copy_outputs(store, refs, tmp_path / "store")
+    config = CompressConfig(variants=["distill"], distill_epochs=1, **FAST)
+
+    def failing_check(self, model, path):
+        raise Killed("parity check failed")
+
+    monkeypatch.setattr(tasks.compress._Builder, "_export_checked", failing_check)
+    with pytest.raises(Killed):
+        compress(config, export_ref, dataset_ref, copy, model=model_ref)
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        compress(config, export_ref, dataset_ref, copy, model=model_ref)
+    assert "resuming from the checkpoint" not in caplog.text
 
 
 def test_selection_ships_a_qualifying_variant_and_records_why(exported, compressed):
