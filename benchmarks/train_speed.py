@@ -11,7 +11,7 @@
     seeds 0..runs-1; training time counts from the first step to the last (the sum of epoch times, like airbench's
     total_time_seconds, which also counts its final TTA evaluation), and the wall time of the whole fit call is
     printed too. With `--airbench` and the `airbench` package installed, airbench.train94 and train96 run on the
-    same images (written where airbench's CifarLoader reads them), after one warm-up run each.
+    same images (written where airbench's CifarLoader reads them), each after a one-epoch warm-up run.
 
 Needs torch, numpy, pillow, pydantic and pyyaml, not Prefect or Great Expectations: on a GPU host without them,
 install kiln's remaining requirements from a wheelhouse (see benchmarks/RESULTS.md). Runs on a CPU too, slowly:
@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from datetime import date
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +57,20 @@ def main(argv: list[str]) -> None:
     print(f"# data: {dataset.name}, {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
           f"{dataset.image_shape}")  # fmt: skip
     results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv}
+
+    def save() -> None:  # after every section: a run stopped at its time limit keeps what it measured
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+
     if not args.skip_feed:
         results["feed"] = feed_benchmark(dataset, runtime, args)
+        save()
     if not args.skip_recipe:
-        results["recipe"] = recipe_benchmark(dataset, args)
+        for epochs in args.epochs or [None]:
+            results.setdefault("recipe", []).append(recipe_benchmark(dataset, args, epochs))
+            save()
     if args.airbench:
-        results["airbench"] = airbench_benchmark(dataset, args)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+        airbench_benchmark(dataset, args, results.setdefault("airbench", {}), save)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -78,15 +85,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--compile", default="off", choices=["on", "off"], help="for both loops of the feed test")
     parser.add_argument("--profile", default="cifar10-fast")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override the profile")
-    parser.add_argument("--epochs", type=int, help="override the profile's train.epochs")
+    parser.add_argument("--epochs", type=_int_list, help="override the profile's train.epochs; a comma-separated "
+                        "list (10,30) runs the recipe at each length, shortest first")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--warmup-epochs", type=int, default=1,
+                        help="length of the unreported warm-up run before the recipe's runs; 0: the full recipe")
     parser.add_argument("--max-train", type=int)
     parser.add_argument("--max-test", type=int)
     parser.add_argument("--skip-feed", action="store_true")
     parser.add_argument("--skip-recipe", action="store_true")
-    parser.add_argument("--airbench", action="store_true", help="also run airbench.train94/train96 if installed")
+    parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
+    parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
     return parser.parse_args(argv)
+
+
+def _int_list(text: str) -> list[int]:
+    return sorted(int(value) for value in text.split(","))
 
 
 def load_dataset(args: argparse.Namespace) -> ImageDataset:
@@ -173,15 +188,21 @@ def bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, step
 # --------------------------------------------------------------------------------------------------------------
 # (b) time-to-accuracy
 # --------------------------------------------------------------------------------------------------------------
-def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
-    overrides = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: int | None) -> dict:
+    overrides = list(args.overrides) + ([f"train.epochs={epochs}"] if epochs else [])
     config = load_config(args.profile, overrides=overrides)
     prep = preprocessing(dataset)
     spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
     runtime = resolve_runtime(config.train.device, config.train.precision)
+    print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
+          f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
+    print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
     rows = []
     for run in range(-1, args.runs):  # run -1: a warm-up, not reported (first CUDA use, cuDNN autotuning)
-        train_config = config.train.model_copy(update={"seed": max(run, 0), "validation_fraction": 0.0})
+        update = {"seed": max(run, 0), "validation_fraction": 0.0}
+        if run < 0 and args.warmup_epochs:
+            update["epochs"] = min(args.warmup_epochs, config.train.epochs)
+        train_config = config.train.model_copy(update=update)
         torch.manual_seed(train_config.seed)
         model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
         train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
@@ -195,18 +216,15 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
             continue
         plain = accuracy(model, dataset, prep, runtime, "none")
         tta = accuracy(model, dataset, prep, runtime, config.evaluate.tta) if config.evaluate.tta != "none" else plain
-        rows.append({"seed": run, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
-                     "accuracy": plain, "accuracy_tta": tta, "data_path": history[-1]["data_path"]})  # fmt: skip
-    print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
-          f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
-    print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|")
-    for row in rows:
+        row = {"seed": run, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
+               "accuracy": plain, "accuracy_tta": tta, "data_path": history[-1]["data_path"]}  # fmt: skip
+        rows.append(row)
         print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
-              f"| {row['accuracy_tta']:.4f} |")  # fmt: skip
+              f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
     summary = summarize(rows)
     print(f"| mean ± sd | {summary['train_seconds']} | {summary['fit_wall_seconds']} | {summary['accuracy']} | "
           f"{summary['accuracy_tta']} |")  # fmt: skip
-    return {"profile": args.profile, "runs": rows, "summary": summary}
+    return {"profile": args.profile, "epochs": config.train.epochs, "runs": rows, "summary": summary}
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:
@@ -223,13 +241,20 @@ def summarize(rows: list[dict]) -> dict[str, str]:
                                                                    "accuracy_tta")}  # fmt: skip
 
 
-def airbench_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
+def airbench_benchmark(
+    dataset: ImageDataset, args: argparse.Namespace, results: dict, save: Callable[[], None]
+) -> None:
+    """Fills `results` ({trainer: [(TTA accuracy, seconds), ...]}) run by run, calling `save` after each."""
     try:
         import airbench
     except ImportError:
         print("\n## airbench: not installed (pip install airbench), skipped")
-        return {}
-    results = {}
+        return
+    if not torch.cuda.is_available():  # its loaders put the data on the GPU unconditionally
+        print("\n## airbench: needs a CUDA GPU, skipped")
+        return
+    print("\n## airbench on the same images (its own total_time_seconds and TTA accuracy)")
+    print("| trainer | run | TTA accuracy | seconds |\n|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as scratch, _working_directory(Path(scratch)):
         # airbench's CifarLoader reads cifar10/{train,test}.pt from the working directory when present.
         Path("cifar10").mkdir()
@@ -237,21 +262,18 @@ def airbench_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
                                       ("test", dataset.test_images, dataset.test_labels)):  # fmt: skip
             torch.save({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels),
                         "classes": list(dataset.classes)}, f"cifar10/{split}.pt")  # fmt: skip
-        for name in ("train94", "train96"):
+        for name in args.airbench_trainers:
             train = getattr(airbench, name)
-            train(run="warmup", verbose=False)
-            runs = []
+            train(run="warmup", epochs=1, verbose=False)  # one epoch warms CUDA and cuDNN's choices up
+            runs = results[name] = []
             for run in range(args.runs):
                 printed = io.StringIO()
                 with contextlib.redirect_stdout(printed):
                     train(run=run, verbose=True)
-                runs.append(_airbench_final_row(printed.getvalue()))
-            results[name] = runs
-    print("\n## airbench on the same images (its own total_time_seconds and TTA accuracy)")
-    print("| trainer | runs: (tta accuracy, seconds) |\n|---|---|")
-    for name, runs in results.items():
-        print(f"| {name} | {runs} |")
-    return results
+                accuracy_tta, seconds = _airbench_final_row(printed.getvalue())
+                runs.append((accuracy_tta, seconds))
+                print(f"| {name} | {run} | {accuracy_tta} | {seconds} |", flush=True)
+                save()
 
 
 def _airbench_final_row(text: str) -> tuple[float | None, float | None]:

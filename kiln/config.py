@@ -249,8 +249,8 @@ class CompressConfig(Section):
     latency_runs: int = Field(50, ge=1, description="batch-1 runs timed per variant")
     throughput_seconds: float = Field(1.0, gt=0, le=600, description="time spent running batches of 64 per variant")
     timing_threads: int | None = Field(
-        None, ge=1, description="onnxruntime intra-op threads for evaluation and timing; None: one per physical core "
-        "(as served). 1 gives steadier ratios on a shared machine",
+        None, ge=1, description="onnxruntime intra-op threads for the latency and throughput timings (accuracy is "
+        "measured on every core); None: one per physical core (as served). 1 gives steadier ratios on a shared machine",
     )
 
     @field_validator("variants")

@@ -320,7 +320,9 @@ def evaluate_variants(
     fp32_probabilities: np.ndarray | None = None
     for name, source in sources.items():
         path = (export_dir if name == FP32 else out_dir) / variant_file(name)
-        session = sessions[name] = ort_session(path, config.timing_threads)
+        # Accuracy on every core; timing on a session of its own, with the threads the timing is meant for.
+        session = ort_session(path)
+        sessions[name] = ort_session(path, config.timing_threads) if config.timing_threads else session
         # Normalized in chunks: a float32 copy of a large test set of big images would not fit in memory at once.
         chunks = range(0, len(images), EVAL_CHUNK)
         probabilities = np.concatenate(
