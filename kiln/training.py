@@ -259,7 +259,8 @@ def fit(
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resuming:
-        state = torch.load(checkpoint_path, map_location=runtime.device, weights_only=True)
+        # On the CPU: the random-number states must stay CPU tensors; load_state_dict copies the rest to the device.
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -178,10 +178,10 @@ class _Builder:
         manifest = store.manifest(model)
         self.recipe = teacher_recipe(manifest.config, self.spec.name)
         policy = manifest.inputs.get("policy")
-        # The train stage's augmentation, so retraining sees the same kind of images (none for a bare model).
-        self.transform = (
-            build_transform(read_json(store.materialize(ArtifactRef(**policy)) / "policy.json")) if policy else None
-        )
+        # The train stage's augmentation, so retraining sees the same kind of images (none for a bare model); the
+        # spec lets fit run it batched on the GPU, as the train stage did.
+        self.policy_spec = read_json(store.materialize(ArtifactRef(**policy)) / "policy.json") if policy else None
+        self.transform = build_transform(self.policy_spec) if self.policy_spec else None
         self.runtime: Runtime = resolve_runtime(self.recipe.device, self.recipe.precision)
         for note in self.runtime.notes:
             LOGGER.warning(note)
@@ -249,7 +249,7 @@ class _Builder:
         history = distill(
             self.teacher,
             student,
-            AugmentedImages(self.train_images, self.train_labels, self.transform),
+            AugmentedImages(self.train_images, self.train_labels, self.transform, self.policy_spec),
             self.prep,
             recipe,
             self.runtime,
@@ -277,7 +277,7 @@ class _Builder:
         history = fine_tune(
             model, self.train_images, self.train_labels, self.transform, self.prep, self.recipe, self.runtime,
             self.config.finetune_epochs, self.config.finetune_lr_scale, self._checkpoint(name),
-            _log_epoch(name, self.config.finetune_epochs),
+            _log_epoch(name, self.config.finetune_epochs), policy=self.policy_spec,
         )  # fmt: skip
         if history:
             pd.DataFrame(history).to_csv(self.out_dir / f"history.{name}.csv", index=False)

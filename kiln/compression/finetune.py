@@ -42,17 +42,20 @@ def fine_tune(
     lr_scale: float,
     checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` in place for `epochs` on the training split (uint8 NHWC `images`), at `lr_scale` × the
     recipe's peak learning rate, checkpointing to `checkpoint_path` after every epoch and resuming from it if
-    present; returns fit's per-epoch history ([] for 0 epochs)."""
+    present; returns fit's per-epoch history ([] for 0 epochs). `policy`, the spec `transform` was built from, lets
+    fit augment on the GPU."""
     history: list[dict[str, Any]] = []
     if epochs > 0:
         config = recipe.model_copy(
             update={"epochs": epochs, "lr": recipe.lr * lr_scale, "schedule": "cosine", "validation_fraction": 0.0}
         )
         history = fit(
-            model, AugmentedImages(images, labels, transform), None, prep, config, runtime, checkpoint_path, on_epoch
+            model, AugmentedImages(images, labels, transform, policy), None, prep, config, runtime, checkpoint_path,
+            on_epoch,
         )
     return history
 
