@@ -40,10 +40,7 @@ prepare() {
     du -sh .whl .data
 }
 
-run() {
-    # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 570 s, fits a 600 s
-    # call); every report is written as it goes, so a section cut short keeps what it measured.
-    local budget=${BUDGET_S:-570} started=$SECONDS
+setup() {  # the wheelhouse on PYTHONPATH, then a check that everything imports
     mkdir -p "$OUT"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln, tasks and flows from this checkout, uninstalled
     if [ -d .whl ] && ! "$PYTHON" -c 'import prefect, pydantic' 2>/dev/null; then
@@ -59,7 +56,21 @@ print("preflight: torch", torch.__version__, "cuda", torch.cuda.is_available(), 
         echo "preflight failed: see the import error above" >&2
         exit 1
     fi
+}
 
+sweep() {  # sweep GRID...: one seed-0 cifar10-fast run per combination (benchmarks/train_speed.py --sweep)
+    setup
+    local grids=()
+    for grid in "$@"; do grids+=(--sweep "$grid"); done
+    timeout -k 10 "${BUDGET_S:-400}" "$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe \
+        --epochs 10 "${grids[@]}" --json-out "$OUT/sweep.json" 2>"$OUT/sweep.log" | tee "$OUT/sweep.md"
+}
+
+run() {
+    # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 570 s, fits a 600 s
+    # call); every report is written as it goes, so a section cut short keeps what it measured.
+    local budget=${BUDGET_S:-570} started=$SECONDS
+    setup
     local speed=(--runs 3 --epochs 10,20,40) compression=() airbench=(--runs 3)
     if [ -n "${SMOKE:-}" ]; then
         speed=(--runs 1 --max-train 512 --max-test 256 --feed-batch 64 --feed-steps 3 --epochs 1,2)
@@ -85,5 +96,6 @@ print("preflight: torch", torch.__version__, "cuda", torch.cuda.is_available(), 
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+    sweep) shift; sweep "$@" ;;
+    *) echo "usage: $0 prepare|run|sweep GRID..." >&2; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -65,6 +66,9 @@ def main(argv: list[str]) -> None:
     if not args.skip_feed:
         results["feed"] = feed_benchmark(dataset, runtime, args)
         save()
+    for grid in args.sweep:
+        results.setdefault("sweep", []).extend(sweep_benchmark(dataset, args, grid))
+        save()
     if not args.skip_recipe:
         for epochs in args.epochs or [None]:
             results.setdefault("recipe", []).append(recipe_benchmark(dataset, args, epochs))
@@ -94,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int)
     parser.add_argument("--skip-feed", action="store_true")
     parser.add_argument("--skip-recipe", action="store_true")
+    parser.add_argument("--sweep", action="append", default=[], help="a grid to try, one seed-0 run per combination "
+                        "at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' (repeatable)")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -191,33 +197,15 @@ def bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, step
 def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: int | None) -> dict:
     overrides = list(args.overrides) + ([f"train.epochs={epochs}"] if epochs else [])
     config = load_config(args.profile, overrides=overrides)
-    prep = preprocessing(dataset)
-    spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
     runtime = resolve_runtime(config.train.device, config.train.precision)
     print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
           f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
     print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
+    if args.warmup_epochs:  # a warm-up, not reported (first CUDA use, cuDNN autotuning)
+        train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
     rows = []
-    for run in range(-1, args.runs):  # run -1: a warm-up, not reported (first CUDA use, cuDNN autotuning)
-        update = {"seed": max(run, 0), "validation_fraction": 0.0}
-        if run < 0 and args.warmup_epochs:
-            update["epochs"] = min(args.warmup_epochs, config.train.epochs)
-        train_config = config.train.model_copy(update=update)
-        torch.manual_seed(train_config.seed)
-        model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
-        train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
-        with tempfile.TemporaryDirectory() as scratch:
-            synchronize(runtime)
-            started = time.perf_counter()
-            history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt")
-            synchronize(runtime)
-            wall = time.perf_counter() - started
-        if run < 0:
-            continue
-        plain = accuracy(model, dataset, prep, runtime, "none")
-        tta = accuracy(model, dataset, prep, runtime, config.evaluate.tta) if config.evaluate.tta != "none" else plain
-        row = {"seed": run, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
-               "accuracy": plain, "accuracy_tta": tta, "data_path": history[-1]["data_path"]}  # fmt: skip
+    for seed in range(args.runs):
+        row = train_once(dataset, config, seed)
         rows.append(row)
         print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
               f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
@@ -225,6 +213,48 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     print(f"| mean ± sd | {summary['train_seconds']} | {summary['fit_wall_seconds']} | {summary['accuracy']} | "
           f"{summary['accuracy_tta']} |")  # fmt: skip
     return {"profile": args.profile, "epochs": config.train.epochs, "runs": rows, "summary": summary}
+
+
+def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, grid: str) -> list[dict]:
+    """One seed-0 run of the profile for every combination of a grid "train.lr=0.4,0.8;train.weight_decay=5e-5"."""
+    axes = [(key, values.split(",")) for key, values in (part.split("=", 1) for part in grid.split(";") if part)]
+    base = list(args.overrides) + ([f"train.epochs={args.epochs[0]}"] if args.epochs else [])
+    print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seed 0)")
+    print("| settings | training s | test accuracy | with TTA |\n|---|---|---|---|", flush=True)
+    rows = []
+    for values in itertools.product(*(values for _, values in axes)):
+        settings = [f"{key}={value}" for (key, _), value in zip(axes, values)]
+        config = load_config(args.profile, overrides=base + settings)
+        row = {"settings": settings, **train_once(dataset, config, seed=0)}
+        rows.append(row)
+        print(f"| {' '.join(settings)} | {row['train_seconds']:.2f} | {row['accuracy']:.4f} "
+              f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
+    return rows
+
+
+def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = None, evaluate: bool = True) -> dict:
+    """Train the config's model on the whole training split; its training and fit-call seconds and test accuracy."""
+    prep = preprocessing(dataset)
+    spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    update = {"seed": seed, "validation_fraction": 0.0, **({"epochs": epochs} if epochs else {})}
+    train_config = config.train.model_copy(update=update)
+    torch.manual_seed(train_config.seed)
+    model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
+    train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
+    with tempfile.TemporaryDirectory() as scratch:
+        synchronize(runtime)
+        started = time.perf_counter()
+        history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt")
+        synchronize(runtime)
+        wall = time.perf_counter() - started
+    row = {"seed": seed, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
+           "data_path": history[-1]["data_path"]}  # fmt: skip
+    if evaluate:
+        row["accuracy"] = accuracy(model, dataset, prep, runtime, "none")
+        tta = config.evaluate.tta
+        row["accuracy_tta"] = accuracy(model, dataset, prep, runtime, tta) if tta != "none" else row["accuracy"]
+    return row
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:

@@ -149,6 +149,10 @@ class TrainConfig(Section):
         "saved instead of the raw weights",
     )
     warmup_fraction: float = Field(0.25, gt=0, lt=1, description="onecycle: share of steps spent warming up")
+    bias_lr_scale: float = Field(
+        1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed); "
+        "fast CIFAR recipes with BatchNorm scales frozen train the shifts much faster than the weights",
+    )
     devices: int | Literal["auto"] = Field(
         1, description="data-parallel processes (DDP, launched with torchrun): one per GPU; auto: every visible "
         "GPU; on a CPU-only host N > 1 runs N gloo processes (for testing, not speed). batch_size stays global",
