@@ -11,7 +11,8 @@ compress.variants. Training, fine-tuning and distillation use the GPU when there
 timed on this machine's CPU with onnxruntime, interleaved, in one run.
 
 Prints a markdown block for benchmarks/RESULTS.md: the device, the command, the report table, the targets (met or
-missed, with the numbers) and the policy's choice.
+missed, with the numbers), the policy's choice, and the fp32 model in PyTorch eager against onnxruntime (same
+threads, interleaved).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import platform
 import sys
 import time
 from datetime import date
+from types import SimpleNamespace
 
+import numpy as np
 import onnxruntime
 import pandas as pd
 import torch
@@ -86,6 +89,66 @@ def main(argv: list[str]) -> None:
         print(f"- {line}")
     print(f"- chosen (objective {selection['objective']}, budget {selection['max_accuracy_drop']}): "
           f"**{selection['chosen']}**. {selection['reason']}")  # fmt: skip
+    print()
+    print(eager_versus_onnxruntime(store, model, exported, dataset, config.compress))
+
+
+class TorchSession:
+    """A PyTorch module behind the two onnxruntime.InferenceSession methods kiln's timing calls."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval()
+
+    def get_inputs(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name="input")]
+
+    def run(self, _outputs, feed: dict) -> list:
+        with torch.inference_mode():
+            return [self.module(torch.from_numpy(feed["input"])).numpy()]
+
+
+def eager_versus_onnxruntime(store, model_ref, exported_ref, dataset_ref, compress_config) -> str:
+    """The issue's "fp32 onnxruntime >= 1.5x torch eager" target: the trained model in PyTorch (CPU, fp32, eager,
+    inference mode) and its fp32 ONNX file in onnxruntime, timed interleaved with the same threads and inputs."""
+    from kiln.compression.measure import time_sessions
+    from kiln.dataset import read_split
+    from kiln.models import load_model
+    from kiln.onnx_tools import ort_session
+    from kiln.runtime.preprocess import Preprocessing
+    from tasks.compress import THROUGHPUT_BATCH
+    from tasks.export import MODEL_FILE, PREPROCESS_FILE
+
+    threads = compress_config.timing_threads
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        module, _ = load_model(store.materialize(model_ref))
+        export_dir = store.materialize(exported_ref)
+        prep = Preprocessing.from_json(read_json(export_dir / PREPROCESS_FILE))
+        images, _ = read_split(store.materialize(dataset_ref), "test")
+        sample = prep.normalize(images[:1])
+        batch = prep.normalize(np.resize(images, (THROUGHPUT_BATCH, *images.shape[1:])))
+        sessions = {"torch eager": TorchSession(module), "onnxruntime": ort_session(export_dir / MODEL_FILE, threads)}
+        timings = time_sessions(sessions, sample, batch, compress_config.latency_runs,
+                                compress_config.throughput_seconds)  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+    eager, ort = timings["torch eager"], timings["onnxruntime"]
+    ratio = ort["throughput_ips"] / max(eager["throughput_ips"], 1e-9)
+    verdict = "**met**" if ratio >= 1.5 else "**missed**"
+    rows = [f"| {name} | {row['p50_ms']} | {row['p95_ms']} | {row['throughput_ips']:,.0f} |"
+            for name, row in timings.items()]  # fmt: skip
+    return "\n".join([
+        f"The fp32 model in PyTorch and in onnxruntime, {threads or 'default'} thread(s), timed interleaved:",
+        "",
+        "| runtime | p50 b1 ms | p95 b1 ms | img/s b64 |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"- target fp32 onnxruntime ≥ 1.5x torch eager throughput: {verdict} ({ratio:.2f}x; batch 1: "
+        f"{eager['p50_ms'] / max(ort['p50_ms'], 1e-9):.2f}x lower p50)",
+    ])  # fmt: skip
 
 
 def device() -> str:

@@ -128,3 +128,22 @@ def test_the_onecycle_schedule_warms_up_then_decays_to_zero_for_any_length(total
     if total_steps >= 2:
         assert max(used) == pytest.approx(config.lr) and rates[total_steps] == 0.0
     assert optimizer.param_groups[0]["momentum"] == config.momentum
+
+
+def test_norm_and_bias_parameters_train_at_bias_lr_scale_without_decay_through_the_schedule():
+    from kiln.training import make_optimizer, make_scheduler
+
+    config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.5, weight_decay=5e-4, bias_lr_scale=64, momentum=0.85)
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 4))
+    optimizer = make_optimizer(model, config)
+    weights, shifts = optimizer.param_groups
+    assert (weights["lr"], weights["weight_decay"]) == (0.5, 5e-4)
+    assert (shifts["lr"], shifts["weight_decay"]) == (0.5 * 64, 0.0)
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim <= 1 for p in shifts["params"])
+    assert not any(p is model.whiten.weight for p in weights["params"] + shifts["params"])  # frozen: left out
+    scheduler = make_scheduler(optimizer, config, total_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    ratio = scheduler.get_last_lr()[1] / scheduler.get_last_lr()[0]
+    assert ratio == pytest.approx(64)  # one schedule scales both groups
