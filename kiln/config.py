@@ -19,7 +19,7 @@ from kiln.errors import ConfigError
 
 PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
-ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet"]
+ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
 
 
 class Section(BaseModel):

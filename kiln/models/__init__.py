@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.errors import ConfigError, IntegrityError
 from kiln.models.cnn import LeNet, SimpleCNN
-from kiln.models.fastnet import FastNet
+from kiln.models.fastnet import FastNet, FastNetWide
 from kiln.models.mlp import MLP
 from kiln.models.resnet import ResNet9
 
@@ -25,6 +25,7 @@ MODEL_FAMILIES: dict[str, type[nn.Module]] = {
     "lenet": LeNet,
     "resnet9": ResNet9,
     "fastnet": FastNet,
+    "fastnet_wide": FastNetWide,
 }
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"

@@ -15,7 +15,7 @@ from kiln.errors import ConfigError
 from tests.bad_inputs.conftest import fails_cleanly
 
 TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum, label_smoothing, validation_fraction, "
-              "schedule, device, precision, num_workers, data_path, compile, ema_decay, warmup_fraction, devices, seed")  # fmt: skip
+              "schedule, device, precision, num_workers, data_path, compile, ema_decay, warmup_fraction, bias_lr_scale, devices, seed")  # fmt: skip
 MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
 KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
 
@@ -78,7 +78,7 @@ def test_learning_rate_nan(store_root, tmp_path):
 def test_unknown_model(store_root):
     config_fails(
         store_root,
-        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9' or 'fastnet' (got 'vgg')",
+        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9', 'fastnet' or 'fastnet_wide' (got 'vgg')",
         overrides=["train.model=vgg"],
     )
 

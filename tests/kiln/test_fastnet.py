@@ -11,7 +11,8 @@ from torch import nn
 
 from kiln.config import CompressConfig
 from kiln.models import MODEL_FAMILIES, ModelSpec, build_model, load_model, save_model
-from kiln.models.fastnet import FastNet
+from kiln.errors import ConfigError
+from kiln.models.fastnet import FastNet, FastNetWide, ResidualConvGroup
 from kiln.onnx_export import export_onnx, torch_probabilities
 from kiln.onnx_tools import INPUT_NAME
 from kiln.runtime.preprocess import Preprocessing
@@ -48,6 +49,24 @@ def patch_features(model: FastNet, images: torch.Tensor) -> torch.Tensor:
 
 def test_registered_as_a_model_family():
     assert MODEL_FAMILIES["fastnet"] is FastNet
+    assert MODEL_FAMILIES["fastnet_wide"] is FastNetWide
+
+
+def test_the_wide_variant_has_three_convolutions_per_group_with_a_skip():
+    model = FastNetWide(3, 32, 32, 10)
+    groups = [module for module in model.features if isinstance(module, ResidualConvGroup)]
+    assert [group.entry[0].out_channels for group in groups] == [128, 512, 512]
+    assert sum(isinstance(module, nn.Conv2d) for module in model.modules()) == 1 + 3 * 3
+    group = groups[0].eval()
+    features = torch.randn(2, 24, 31, 31)
+    with torch.no_grad():
+        entry = group.entry(features)
+        assert torch.allclose(group(features), entry + group.body(entry))
+
+
+def test_depths_other_than_two_or_three_are_refused():
+    with pytest.raises(ConfigError, match="fastnet depth must be 2 or 3"):
+        FastNet(3, 32, 32, 10, depth=4)
 
 
 @pytest.mark.parametrize(("height", "width", "channels"), [(32, 32, 3), (28, 28, 1), (8, 8, 1)])
@@ -140,11 +159,12 @@ def train_steps(model: nn.Module, images, labels, steps: int, lr: float = 0.4) -
     return losses
 
 
+@pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "default-whitening"])
-def test_a_few_sgd_steps_lower_the_loss_and_keep_the_frozen_weights(prepared):
+def test_a_few_sgd_steps_lower_the_loss_and_keep_the_frozen_weights(prepared, depth):
     torch.manual_seed(0)
     images, labels = learnable_batch()
-    model = FastNet(1, 8, 8, 3, widths=SMALL)
+    model = FastNet(1, 8, 8, 3, widths=SMALL, depth=depth)
     if prepared:
         model.prepare(images)
     whitening = model.whiten.weight.detach().clone()
@@ -173,10 +193,11 @@ def test_training_on_a_constant_background_keeps_the_weights_bounded(prepared):
     assert max(growth) < 2.0, growth
 
 
-def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_path):
+@pytest.mark.parametrize("name", ["fastnet", "fastnet_wide"])
+def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_path, name):
     torch.manual_seed(0)
     images, labels = learnable_batch()
-    spec = ModelSpec("fastnet", (8, 8, 1), 3)
+    spec = ModelSpec(name, (8, 8, 1), 3)
     model = build_model(spec)
     model.prepare(images)
     train_steps(model, images, labels, steps=3)  # moves the BatchNorm statistics and the trainable weights
@@ -191,13 +212,14 @@ def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_
         assert torch.equal(reloaded(images), model(images))
 
 
-def test_onnx_export_matches_torch_and_quantizes_to_int8(tmp_path):
+@pytest.mark.parametrize("depth", [2, 3])
+def test_onnx_export_matches_torch_and_quantizes_to_int8(tmp_path, depth):
     from kiln.compression.quantization import quantize_int8
 
     torch.manual_seed(0)
     images = correlated_images(64, 3, 32)
     labels = torch.arange(64) % 10
-    model = FastNet(3, 32, 32, 10, widths=SMALL)
+    model = FastNet(3, 32, 32, 10, widths=SMALL, depth=depth)
     model.prepare(images)
     train_steps(model, images, labels, steps=2)
     model.eval()
