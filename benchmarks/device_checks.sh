@@ -41,7 +41,7 @@ prepare() {
     du -sh .whl .data
 }
 
-setup() {  # the wheelhouse on PYTHONPATH, then a check that everything imports
+setup() {  # setup MODULES: the wheelhouse on PYTHONPATH, then a check that MODULES import
     mkdir -p "$OUT"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # kiln, tasks and flows from this checkout, uninstalled
     if [ -d .whl ] && ! "$PYTHON" -c 'import prefect, pydantic' 2>/dev/null; then
@@ -51,16 +51,15 @@ setup() {  # the wheelhouse on PYTHONPATH, then a check that everything imports
     export PYTHONUNBUFFERED=1 PREFECT_HOME=/tmp/prefect-home PREFECT_SERVER_ANALYTICS_ENABLED=false
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/device.txt" || true
     # Fail in seconds, not minutes, when the host lacks something.
-    if ! "$PYTHON" -c 'import torch, onnx, onnxruntime, onnxscript, prefect, pydantic, airbench, tasks.compress, kiln.training
-print("preflight: torch", torch.__version__, "cuda", torch.cuda.is_available(), "onnxruntime", onnxruntime.__version__,
-      "prefect", prefect.__version__)' 2>&1 | tee "$OUT/preflight.txt"; then
+    if ! "$PYTHON" -c "import torch, $1
+print('preflight: torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'imports $1')" 2>&1 | tee "$OUT/preflight.txt"; then
         echo "preflight failed: see the import error above" >&2
         exit 1
     fi
 }
 
 sweep() {  # sweep GRID...: one seed-0 cifar10-fast run per combination (benchmarks/train_speed.py --sweep)
-    setup
+    setup pydantic,yaml,kiln.training
     local grids=()
     for grid in "$@"; do grids+=(--sweep "$grid"); done
     timeout -k 10 "${BUDGET_S:-400}" "$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe \
@@ -71,7 +70,7 @@ run() {
     # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 570 s, fits a 600 s
     # call); every report is written as it goes, so a section cut short keeps what it measured.
     local budget=${BUDGET_S:-570} started=$SECONDS
-    setup
+    setup onnx,onnxruntime,onnxscript,prefect,pydantic,airbench,tasks.compress,kiln.training
     # What is still open (see benchmarks/RESULTS.md): the tuned cifar10-fast over 3 seeds, weight averaging, the
     # wide model for the long target, compile; and the compression table with the eager-vs-onnxruntime line.
     local speed=(--runs 3 --epochs 10) compression=() airbench=(--runs 3 --airbench-trainers train94)

@@ -66,6 +66,9 @@ def main(argv: list[str]) -> None:
     if not args.skip_feed:
         results["feed"] = feed_benchmark(dataset, runtime, args)
         save()
+    if args.sweep and args.warmup_epochs:  # a warm-up, not reported (first CUDA use, cuDNN autotuning)
+        config = load_config(args.profile, overrides=args.overrides)
+        train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
     for grid in args.sweep:
         results.setdefault("sweep", []).extend(sweep_benchmark(dataset, args, grid))
         save()

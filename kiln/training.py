@@ -233,6 +233,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     distributed: Distributed | None = None,
     objective: Objective | None = None,
+    initialise: bool = True,
 ) -> list[dict[str, Any]]:
     """Train for config.epochs, checkpointing after every epoch and resuming from `checkpoint_path` if present.
 
@@ -242,7 +243,8 @@ def fit(
 
     `validation_set` (held out from the training split, never the test split) is scored after every epoch.
     With train.ema_decay set, `model` ends holding the averaged weights. Returns the per-epoch history (train
-    loss/accuracy, validation accuracy, lr, throughput, data path).
+    loss/accuracy, validation accuracy, lr, throughput, data path). `initialise=False` skips a fresh model's
+    data-dependent set-up (`prepare`): for continuing to train a trained model, e.g. fine-tuning after pruning.
     """
     torch.manual_seed(config.seed)
     model.to(runtime.device)
@@ -256,7 +258,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
     objective = objective or Objective(config.label_smoothing)
     resuming = checkpoint_path.exists()
-    if not resuming and hasattr(model, "prepare"):  # data-dependent initialisation (FastNet's whitening)
+    if initialise and not resuming and hasattr(model, "prepare"):  # data-dependent init (FastNet's whitening)
         model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
     average = _weight_average(model, config)
     history: list[dict[str, Any]] = []

@@ -55,7 +55,7 @@ def fine_tune(
         )
         history = fit(
             model, AugmentedImages(images, labels, transform, policy), None, prep, config, runtime, checkpoint_path,
-            on_epoch,
+            on_epoch, initialise=False,  # a trained model: FastNet's whitening (bias trained) must not be reset
         )
     return history
 

@@ -64,6 +64,13 @@ class ChannelGroup:
         return _out_channels(self.producers[0].layer)
 
 
+# Both prune_structured and a "slim" distillation student (slim_copy) need the channel groups.
+_HANDLED_FAMILIES = (
+    "it handles kiln's families mlp, simple_cnn, lenet and resnet9. Remove prune_structured from compress.variants, "
+    "and for distill/distill_int8 set compress.distill_student to a model family instead of slim"
+)
+
+
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     """The prunable channel groups of a kiln model, in forward order. The classifier's outputs are never in one.
 
@@ -101,8 +108,7 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
                 visit(child)
         elif not isinstance(module, CHANNEL_PRESERVING):
             raise ConfigError(
-                f"structured pruning does not know the layer {module.__class__.__name__}; it handles kiln's model "
-                "families (mlp, simple_cnn, lenet, resnet9): remove prune_structured from compress.variants"
+                f"structured pruning does not know the layer {module.__class__.__name__}; {_HANDLED_FAMILIES}"
             )
 
     for module in _forward_sequence(model):
@@ -150,9 +156,14 @@ def kept_channels(width: int, keep_fraction: float) -> int:
 def prune_unstructured(model: nn.Module, sparsity: float) -> nn.Module:
     """A copy of `model` whose smallest-magnitude conv/linear weights (a `sparsity` share of all of them, chosen
     globally) are masked to zero. The masks stay attached (torch.nn.utils.prune) so fine-tuning keeps them at zero;
-    call `make_pruning_permanent` before exporting."""
+    call `make_pruning_permanent` before exporting. Frozen weights (FastNet's data-derived whitening filters) are
+    left whole: they are not learned, so fine-tuning could not make up for them."""
     sparse = copy.deepcopy(model).cpu().eval()
-    weights = [(module, "weight") for module in sparse.modules() if isinstance(module, PrunableLayer)]
+    weights = [
+        (module, "weight")
+        for module in sparse.modules()
+        if isinstance(module, PrunableLayer) and module.weight.requires_grad
+    ]
     prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=sparsity)
     return sparse
 
@@ -181,8 +192,7 @@ def _forward_sequence(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, MLP):
         return [model.layers]
     raise ConfigError(
-        f"structured pruning does not know the model {model.__class__.__name__}; it handles kiln's families "
-        "(mlp, simple_cnn, lenet, resnet9): remove prune_structured from compress.variants"
+        f"structured pruning does not know the model {model.__class__.__name__}; {_HANDLED_FAMILIES}"
     )
 
 

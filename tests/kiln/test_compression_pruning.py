@@ -132,3 +132,32 @@ def test_unstructured_pruning_zeroes_the_smallest_weights_globally_and_survives_
     threshold = kept.kthvalue(int(0.6 * kept.numel())).values
     first = sparse.features[0].weight
     assert torch.equal(first == 0, model.features[0].weight.abs() <= threshold)  # global magnitude order
+
+
+def test_fine_tuning_an_unstructured_fastnet_keeps_its_frozen_whitening(tmp_path):
+    """The whitening filters are set from data and frozen: pruning must not mask them (nothing could re-learn
+    them), and fine-tuning a trained model must not recompute them from its own sample."""
+    import numpy as np
+    from torch.nn.utils import prune
+
+    from kiln.compression.finetune import fine_tune
+    from kiln.config import TrainConfig
+    from kiln.runtime.preprocess import Preprocessing
+    from kiln.training import resolve_runtime
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 3))
+    model.prepare(torch.randn(64, 3, 8, 8) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1))
+    whitening = model.whiten.weight.detach().clone()
+    sparse = prune_unstructured(model, 0.5)
+    assert not prune.is_pruned(sparse.whiten) and torch.equal(sparse.whiten.weight, whitening)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(48, 8, 8, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=48)
+    prep = Preprocessing(8, 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    recipe = TrainConfig(model="fastnet", batch_size=16, optimizer="sgd", lr=0.1, validation_fraction=0.0)
+    fine_tune(sparse, images, labels, None, prep, recipe, resolve_runtime("cpu", "fp32"), 1, 0.1,
+              tmp_path / "checkpoint.pt")  # fmt: skip
+    assert torch.equal(sparse.whiten.weight, whitening)
+    assert weight_sparsity(sparse) > 0.45
