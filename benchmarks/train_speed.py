@@ -66,9 +66,8 @@ def main(argv: list[str]) -> None:
     if not args.skip_feed:
         results["feed"] = feed_benchmark(dataset, runtime, args)
         save()
-    if args.sweep and args.warmup_epochs:  # a warm-up, not reported (first CUDA use, cuDNN autotuning)
-        config = load_config(args.profile, overrides=args.overrides)
-        train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
+    if args.sweep:
+        warm_up(dataset, load_config(args.profile, overrides=args.overrides), args)
     for grid in args.sweep:
         results.setdefault("sweep", []).extend(sweep_benchmark(dataset, args, grid))
         save()
@@ -101,12 +100,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int)
     parser.add_argument("--skip-feed", action="store_true")
     parser.add_argument("--skip-recipe", action="store_true")
-    parser.add_argument("--sweep", action="append", default=[], help="a grid to try, one seed-0 run per combination "
-                        "at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' (repeatable)")
+    parser.add_argument("--sweep", action="append", default=[], type=_grid, help="a grid to try, one seed-0 run "
+                        "per combination at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' "
+                        "(repeatable)")  # fmt: skip
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
     return parser.parse_args(argv)
+
+
+def _grid(text: str) -> list[tuple[str, list[str]]]:
+    """'train.lr=0.4,0.8;train.weight_decay=5e-5' -> [("train.lr", ["0.4", "0.8"]), ...]."""
+    axes = []
+    for part in filter(None, text.split(";")):
+        key, equals, values = part.partition("=")
+        if not equals or not key or not values:
+            raise argparse.ArgumentTypeError(f"{part!r} is not KEY=VALUE[,VALUE...], e.g. train.lr=0.4,0.8")
+        axes.append((key, values.split(",")))
+    if not axes:
+        raise argparse.ArgumentTypeError("an empty grid: give KEY=VALUE[,VALUE...] pairs separated by ';'")
+    return axes
 
 
 def _int_list(text: str) -> list[int]:
@@ -204,8 +217,7 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
           f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
     print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
-    if args.warmup_epochs:  # a warm-up, not reported (first CUDA use, cuDNN autotuning)
-        train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
+    warm_up(dataset, config, args)
     rows = []
     for seed in range(args.runs):
         row = train_once(dataset, config, seed)
@@ -218,9 +230,15 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     return {"profile": args.profile, "epochs": config.train.epochs, "runs": rows, "summary": summary}
 
 
-def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, grid: str) -> list[dict]:
-    """One seed-0 run of the profile for every combination of a grid "train.lr=0.4,0.8;train.weight_decay=5e-5"."""
-    axes = [(key, values.split(",")) for key, values in (part.split("=", 1) for part in grid.split(";") if part)]
+def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
+    """A short unreported run first: the first CUDA use and cuDNN's algorithm choices are not timed."""
+    if args.warmup_epochs:
+        train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
+
+
+def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[tuple[str, list[str]]]) -> list[dict]:
+    """One seed-0 run of the profile for every combination of a grid's values (see `_grid`)."""
+    grid = ";".join(f"{key}={','.join(values)}" for key, values in axes)
     base = list(args.overrides) + ([f"train.epochs={args.epochs[0]}"] if args.epochs else [])
     print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seed 0)")
     print("| settings | training s | test accuracy | with TTA |\n|---|---|---|---|", flush=True)

@@ -172,8 +172,6 @@ class _Builder:
 
     def load_teacher(self, store: ArtifactStore, model: ArtifactRef) -> None:
         """The trained model, the recipe it was trained with, its augmentation and where to retrain."""
-        from kiln.augmentation import build_transform
-
         self.teacher, self.spec = load_model(store.materialize(model))
         manifest = store.manifest(model)
         self.recipe = teacher_recipe(manifest.config, self.spec.name)
@@ -181,7 +179,6 @@ class _Builder:
         # The train stage's augmentation, so retraining sees the same kind of images (none for a bare model); the
         # spec lets fit run it batched on the GPU, as the train stage did.
         self.policy_spec = read_json(store.materialize(ArtifactRef(**policy)) / "policy.json") if policy else None
-        self.transform = build_transform(self.policy_spec) if self.policy_spec else None
         self.runtime: Runtime = resolve_runtime(self.recipe.device, self.recipe.precision)
         for note in self.runtime.notes:
             LOGGER.warning(note)
@@ -217,6 +214,13 @@ class _Builder:
             raise
         return path
 
+    def _train_set(self) -> AugmentedImages:
+        """The training split with the train stage's augmentation; the spec lets fit run it on the GPU."""
+        from kiln.augmentation import build_transform
+
+        transform = build_transform(self.policy_spec) if self.policy_spec else None
+        return AugmentedImages(self.train_images, self.train_labels, transform, self.policy_spec)
+
     def _checkpoint(self, name: str) -> Path:
         """Where `name`'s retraining checkpoints every epoch (kept until the output is published)."""
         return self.scratch / f"{name}.pt"
@@ -249,7 +253,7 @@ class _Builder:
         history = distill(
             self.teacher,
             student,
-            AugmentedImages(self.train_images, self.train_labels, self.transform, self.policy_spec),
+            self._train_set(),
             self.prep,
             recipe,
             self.runtime,
@@ -275,9 +279,9 @@ class _Builder:
 
     def _fine_tune(self, model: nn.Module, name: str) -> list[dict[str, Any]]:
         history = fine_tune(
-            model, self.train_images, self.train_labels, self.transform, self.prep, self.recipe, self.runtime,
+            model, self._train_set(), self.prep, self.recipe, self.runtime,
             self.config.finetune_epochs, self.config.finetune_lr_scale, self._checkpoint(name),
-            _log_epoch(name, self.config.finetune_epochs), policy=self.policy_spec,
+            _log_epoch(name, self.config.finetune_epochs),
         )  # fmt: skip
         if history:
             pd.DataFrame(history).to_csv(self.out_dir / f"history.{name}.csv", index=False)

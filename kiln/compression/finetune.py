@@ -7,11 +7,9 @@ good, and fine-tuning only has to recover what pruning disturbed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import ValidationError
 from torch import nn
 
@@ -32,9 +30,7 @@ def teacher_recipe(raw_train_config: dict[str, Any], model_name: str) -> TrainCo
 
 def fine_tune(
     model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    transform: Callable | None,
+    train_set: AugmentedImages,
     prep: Preprocessing,
     recipe: TrainConfig,
     runtime: Runtime,
@@ -42,20 +38,18 @@ def fine_tune(
     lr_scale: float,
     checkpoint_path: Path,
     on_epoch: EpochCallback | None = None,
-    policy: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place for `epochs` on the training split (uint8 NHWC `images`), at `lr_scale` × the
-    recipe's peak learning rate, checkpointing to `checkpoint_path` after every epoch and resuming from it if
-    present; returns fit's per-epoch history ([] for 0 epochs). `policy`, the spec `transform` was built from, lets
-    fit augment on the GPU."""
+    """Train `model` in place for `epochs` on the training split, at `lr_scale` × the recipe's peak learning rate,
+    checkpointing to `checkpoint_path` after every epoch and resuming from it if present; returns fit's per-epoch
+    history ([] for 0 epochs)."""
     history: list[dict[str, Any]] = []
     if epochs > 0:
         config = recipe.model_copy(
             update={"epochs": epochs, "lr": recipe.lr * lr_scale, "schedule": "cosine", "validation_fraction": 0.0}
         )
         history = fit(
-            model, AugmentedImages(images, labels, transform, policy), None, prep, config, runtime, checkpoint_path,
-            on_epoch, initialise=False,  # a trained model: FastNet's whitening (bias trained) must not be reset
+            model, train_set, None, prep, config, runtime, checkpoint_path, on_epoch,
+            initialise=False,  # a trained model: FastNet's whitening (bias trained) must not be reset
         )
     return history
 

@@ -143,7 +143,7 @@ def test_fine_tuning_an_unstructured_fastnet_keeps_its_frozen_whitening(tmp_path
     from kiln.compression.finetune import fine_tune
     from kiln.config import TrainConfig
     from kiln.runtime.preprocess import Preprocessing
-    from kiln.training import resolve_runtime
+    from kiln.training import AugmentedImages, resolve_runtime
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("fastnet", (8, 8, 3), 3))
@@ -157,7 +157,7 @@ def test_fine_tuning_an_unstructured_fastnet_keeps_its_frozen_whitening(tmp_path
     labels = rng.integers(0, 3, size=48)
     prep = Preprocessing(8, 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     recipe = TrainConfig(model="fastnet", batch_size=16, optimizer="sgd", lr=0.1, validation_fraction=0.0)
-    fine_tune(sparse, images, labels, None, prep, recipe, resolve_runtime("cpu", "fp32"), 1, 0.1,
+    fine_tune(sparse, AugmentedImages(images, labels, None), prep, recipe, resolve_runtime("cpu", "fp32"), 1, 0.1,
               tmp_path / "checkpoint.pt")  # fmt: skip
     assert torch.equal(sparse.whiten.weight, whitening)
     assert weight_sparsity(sparse) > 0.45
