@@ -5,11 +5,11 @@
 #   bash benchmarks/device_checks.sh run           # there, e.g. device run, carry [".whl", ".data"], timeout 600
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
-# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: train_speed.md/.json (feed
-# ratio; cifar10-fast time-to-accuracy over 3 seeds), compression.md (ResNet-9 trained on the GPU, every compression
-# variant retrained there, onnxruntime timed on 2 CPU threads like the issue's 2-core VM, and against torch eager),
-# sweep.md/.json (weight averaging; fastnet_wide for the long target) and airbench.md/.json (airbench94, same images).
-# The first GPU run (2026-11-26, H200) measured airbench96 and the recipe at 10/20/40 epochs; RESULTS.md has them.
+# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: knobs.md/.json (airbench94's
+# ideas not yet in cifar10-fast, 2 seeds per combination), compiled.md (torch.compile at 10 epochs), long.md
+# (fastnet_wide for the long target), airbench.md (airbench94 on the same images) and compression.md.
+# Earlier GPU runs (2026-11-26, H200) measured the feed, airbench96, the recipe at 10/20/40 epochs, a 50-run sweep
+# and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,29 +58,33 @@ print('preflight: torch', torch.__version__, 'cuda', torch.cuda.is_available(), 
     fi
 }
 
-sweep() {  # sweep GRID...: one seed-0 cifar10-fast run per combination (benchmarks/train_speed.py --sweep)
+sweep() {  # sweep GRID...: SEEDS (default 1) cifar10-fast runs per combination (benchmarks/train_speed.py --sweep)
     setup pydantic,yaml,kiln.training
     local grids=()
     for grid in "$@"; do grids+=(--sweep "$grid"); done
     timeout -k 10 "${BUDGET_S:-400}" "$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe \
-        --epochs 10 "${grids[@]}" --json-out "$OUT/sweep.json" 2>"$OUT/sweep.log" | tee "$OUT/sweep.md"
+        --epochs 10 --sweep-seeds "${SEEDS:-1}" "${grids[@]}" --json-out "$OUT/sweep.json" 2>"$OUT/sweep.log" \
+        | tee "$OUT/sweep.md"
 }
 
 run() {
-    # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 570 s, fits a 600 s
+    # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 560 s, fits a 600 s
     # call); every report is written as it goes, so a section cut short keeps what it measured.
-    local budget=${BUDGET_S:-570} started=$SECONDS
+    local budget=${BUDGET_S:-560} started=$SECONDS
     setup onnx,onnxruntime,onnxscript,prefect,pydantic,airbench,tasks.compress,kiln.training
-    # What is still open (see benchmarks/RESULTS.md): the tuned cifar10-fast over 3 seeds, weight averaging, the
-    # wide model for the long target, compile; and the compression table with the eager-vs-onnxruntime line.
-    local speed=(--runs 3 --epochs 10) compression=() airbench=(--runs 3 --airbench-trainers train94)
-    local sweeps=(--sweep "train.ema_decay=0.9,0.95,0.98"
-                  --sweep "train.model=fastnet_wide;augment.cutout=0,12;train.epochs=20,30"
-                  --sweep "train.model=fastnet_wide;train.epochs=30;train.compile=on")
+    # What is open (benchmarks/RESULTS.md): airbench94's ideas not yet in cifar10-fast (lookahead, identity init,
+    # its lr schedule's end points), compile at 10 epochs, fastnet_wide for the long target; airbench94 alongside.
+    local knobs=(--sweep-seeds 2
+                 --sweep "train.lookahead_steps=null,5;train.identity_init=false,true;train.final_lr_fraction=0,0.07"
+                 --sweep "train.lookahead_steps=5;train.identity_init=true;train.final_lr_fraction=0.07;train.initial_lr_fraction=0.2;train.warmup_fraction=0.23")
+    local compiled=(--sweep-seeds 2 --sweep "train.compile=on")
+    local long=(--sweep "train.model=fastnet_wide;augment.cutout=12;train.epochs=20;train.lookahead_steps=null,5;train.identity_init=false,true")
+    local airbench=(--runs 3 --airbench-trainers train94) compression=()
     if [ -n "${SMOKE:-}" ]; then
-        speed=(--runs 1 --max-train 512 --max-test 256 --feed-batch 64 --feed-steps 3 --epochs 1)
-        sweeps=(--max-train 256 --max-test 128 --sweep "train.ema_decay=0.9;train.epochs=1"
-                --sweep "train.model=fastnet_wide;train.epochs=1")
+        local tiny=(--max-train 256 --max-test 128 --epochs 1)
+        knobs=("${tiny[@]}" --sweep "train.lookahead_steps=5;train.identity_init=true;train.final_lr_fraction=0.07")
+        compiled=("${tiny[@]}" --sweep "train.compile=on")
+        long=("${tiny[@]}" --sweep "train.model=fastnet_wide;augment.cutout=12;train.epochs=1;train.lookahead_steps=5")
         airbench=(--runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
         compression=(--set train.epochs=1 --set compress.finetune_epochs=1 --set compress.distill_epochs=1
                      --set compress.latency_runs=3 --set compress.throughput_seconds=0.1 --set data.max_train_samples=512 --set data.max_test_samples=256)
@@ -93,13 +97,13 @@ run() {
         if [ "$limit" -lt 20 ]; then echo "== $name: skipped, too little time left" | tee "$OUT/$name.md"; return 0; fi
         timeout -k 10 "$limit" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.md" || echo "== $name: stopped (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$name.md"
     }
-    section train_speed 20 "$PYTHON" benchmarks/train_speed.py --data "$DATA" "${speed[@]}" --json-out "$OUT/train_speed.json"
-    section compression 40 "$PYTHON" benchmarks/compression.py --profile cifar10 --set data.source=imagefolder \
+    local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe --epochs 10)
+    section knobs 45 "${speed[@]}" "${knobs[@]}" --json-out "$OUT/knobs.json"
+    section compiled 25 "${speed[@]}" "${compiled[@]}" --json-out "$OUT/compiled.json"
+    section long 50 "${speed[@]}" "${long[@]}" --json-out "$OUT/long.json"
+    section airbench 70 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
+    section compression 100 "$PYTHON" benchmarks/compression.py --profile cifar10 --set data.source=imagefolder \
         --set "data.uri=$DATA" --set store.root=/tmp/kiln-bench-store --set compress.timing_threads=2 "${compression[@]}"
-    section sweep 85 "$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe --epochs 10 \
-        "${sweeps[@]}" --json-out "$OUT/sweep.json"
-    section airbench 100 "$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe --airbench \
-        "${airbench[@]}" --json-out "$OUT/airbench.json"
 }
 
 case "${1:-}" in

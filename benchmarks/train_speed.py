@@ -100,9 +100,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int)
     parser.add_argument("--skip-feed", action="store_true")
     parser.add_argument("--skip-recipe", action="store_true")
-    parser.add_argument("--sweep", action="append", default=[], type=_grid, help="a grid to try, one seed-0 run "
+    parser.add_argument("--sweep", action="append", default=[], type=_grid, help="a grid to try, --sweep-seeds runs "
                         "per combination at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' "
                         "(repeatable)")  # fmt: skip
+    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds 0..N-1 for each combination of a sweep")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -237,19 +238,22 @@ def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
 
 
 def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[tuple[str, list[str]]]) -> list[dict]:
-    """One seed-0 run of the profile for every combination of a grid's values (see `_grid`)."""
+    """Runs of the profile with seeds 0..--sweep-seeds-1 for every combination of a grid's values (see `_grid`),
+    seeds innermost, so that a sweep cut short has compared whole combinations."""
     grid = ";".join(f"{key}={','.join(values)}" for key, values in axes)
     base = list(args.overrides) + ([f"train.epochs={args.epochs[0]}"] if args.epochs else [])
-    print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seed 0)")
-    print("| settings | training s | test accuracy | with TTA |\n|---|---|---|---|", flush=True)
+    seeds = range(args.sweep_seeds)
+    print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seeds 0-{seeds[-1]})")
+    print("| settings | seed | training s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
     rows = []
     for values in itertools.product(*(values for _, values in axes)):
         settings = [f"{key}={value}" for (key, _), value in zip(axes, values)]
         config = load_config(args.profile, overrides=base + settings)
-        row = {"settings": settings, **train_once(dataset, config, seed=0)}
-        rows.append(row)
-        print(f"| {' '.join(settings)} | {row['train_seconds']:.2f} | {row['accuracy']:.4f} "
-              f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
+        for seed in seeds:
+            row = {"settings": settings, **train_once(dataset, config, seed=seed)}
+            rows.append(row)
+            print(f"| {' '.join(settings)} | {seed} | {row['train_seconds']:.2f} | {row['accuracy']:.4f} "
+                  f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
     return rows
 
 

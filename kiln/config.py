@@ -13,13 +13,14 @@ from typing import Any, ClassVar, Literal
 
 import fsspec.utils
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kiln.errors import ConfigError
 
 PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
+IDENTITY_INIT_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init()
 
 
 class Section(BaseModel):
@@ -149,6 +150,20 @@ class TrainConfig(Section):
         "saved instead of the raw weights",
     )
     warmup_fraction: float = Field(0.25, gt=0, lt=1, description="onecycle: share of steps spent warming up")
+    initial_lr_fraction: float = Field(
+        0.04, gt=0, le=1, description="onecycle: the warm-up starts at this fraction of the peak lr",
+    )
+    final_lr_fraction: float = Field(
+        0.0, ge=0, le=1, description="onecycle: the decay ends at this fraction of the peak lr",
+    )
+    lookahead_steps: int | None = Field(
+        None, ge=1, description="every this many steps, pull the weights toward a slow copy and restart from it "
+        "(Lookahead, with airbench's schedule: no pull early, up to 0.95^steps late); training ends on the slow copy",
+    )
+    identity_init: bool = Field(
+        False, description="fastnet families: start each convolution as the identity on its first channels (dirac "
+        "init), for faster early training on natural images; not for images with flat backgrounds (kiln/models/fastnet.py)",
+    )
     bias_lr_scale: float = Field(
         1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed); "
         "fast CIFAR recipes with BatchNorm scales frozen train the shifts much faster than the weights",
@@ -164,6 +179,14 @@ class TrainConfig(Section):
     def _positive_devices(cls, value: Any) -> Any:
         if isinstance(value, int) and value < 1:
             raise ValueError("must be at least 1, or auto")
+        return value
+
+    @field_validator("identity_init")
+    @classmethod
+    def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
+        model = info.data.get("model")
+        if value and model not in IDENTITY_INIT_MODELS:
+            raise ValueError(f"applies to the {' and '.join(IDENTITY_INIT_MODELS)} models, not {model}; set it to false")
         return value
 
     @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")

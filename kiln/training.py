@@ -132,12 +132,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
-    """Per-step learning-rate factors. `onecycle` is a linear warm-up from lr/25 to lr over `warmup_fraction` of the
-    steps, then a linear decay to zero; written out rather than torch's OneCycleLR, which divides by zero when the
-    warm-up rounds to a single step (a few batches of a small dataset) and also cycles the momentum."""
+    """Per-step learning-rate factors. `onecycle` is a linear warm-up from `initial_lr_fraction` of lr to lr over
+    `warmup_fraction` of the steps, then a linear decay to `final_lr_fraction` of lr; written out rather than torch's
+    OneCycleLR, which divides by zero when the warm-up rounds to a single step (a few batches of a small dataset) and
+    also cycles the momentum."""
     if config.schedule == "onecycle":
         warmup = max(1, round(config.warmup_fraction * total_steps))
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_then_linear, warmup, total_steps))
+        factors = partial(_warmup_then_linear, warmup, total_steps, config.initial_lr_fraction, config.final_lr_fraction)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     warmup = max(1, total_steps // 20)
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
@@ -148,10 +150,11 @@ def _constant(step: int) -> float:
     return 1.0
 
 
-def _warmup_then_linear(warmup: int, total_steps: int, step: int) -> float:
+def _warmup_then_linear(warmup: int, total_steps: int, initial: float, final: float, step: int) -> float:
     if step < warmup:
-        return 1 / 25 + (1 - 1 / 25) * step / warmup
-    return max(0.0, 1 - (step - warmup) / max(1, total_steps - warmup))
+        return initial + (1 - initial) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 1 - (1 - final) * progress
 
 
 def _warmup_then_cosine(warmup: int, total_steps: int, step: int) -> float:
@@ -258,9 +261,14 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
     objective = objective or Objective(config.label_smoothing)
     resuming = checkpoint_path.exists()
-    if initialise and not resuming and hasattr(model, "prepare"):  # data-dependent init (FastNet's whitening)
-        model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
+    if initialise and not resuming:
+        if config.identity_init and hasattr(model, "identity_init"):  # (a distillation student may lack it)
+            model.identity_init()
+        if hasattr(model, "prepare"):  # data-dependent init (FastNet's whitening)
+            model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
     average = _weight_average(model, config)
+    total_steps = config.epochs * len(batches)
+    lookahead = Lookahead(model, config.lookahead_steps, total_steps) if config.lookahead_steps else None
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resuming:
@@ -272,11 +280,13 @@ def fit(
         generator.set_state(state["generator"])
         if average is not None:
             average.load_state_dict(state["average"])
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
         LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
-    step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, config.epochs * len(batches))
+    step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
     writer = distributed is None or distributed.is_writer
     evaluated = average.module if average is not None else model
     for epoch in range(start_epoch, config.epochs + 1):
@@ -295,6 +305,8 @@ def fit(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if lookahead is not None:
+                lookahead.step()
             if average is not None:
                 average.update_parameters(model)
             # Accumulated on the device: a float() per step would wait for the GPU every step.
@@ -318,9 +330,11 @@ def fit(
         }
         history.append(row)
         if writer:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average)
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead)
             if on_epoch is not None:
                 on_epoch(row)
+    if lookahead is not None:
+        lookahead.finish()
     if average is not None:
         model.load_state_dict(average.module.state_dict())
     return history
@@ -453,6 +467,42 @@ def _sum_across_ranks(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, 
     return totals[0], totals[1].long(), int(totals[2])
 
 
+class Lookahead:
+    """Lookahead (Zhang et al. 2019) with airbench's schedule: every `interval` steps the slow copy of the weights
+    (and BatchNorm statistics) moves toward the fast ones, slow += (1 - decay) (fast - slow), and training restarts
+    from it. decay = 0.95^interval * (step / total)^3: the slow copy simply follows early on and damps the noise
+    of the high-lr steps late in the run. Training ends on the slow copy."""
+
+    def __init__(self, model: nn.Module, interval: int, total_steps: int):
+        self.interval, self.total_steps, self.steps = interval, max(1, total_steps), 0
+        # state_dict's tensors share storage with the model's, so writing them writes the model.
+        self.fast = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+        self.slow = [tensor.clone() for tensor in self.fast]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % self.interval == 0:
+            decay = 0.95**self.interval * (self.steps / self.total_steps) ** 3
+            self._pull(1 - decay)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        self._pull(0.0)
+
+    def _pull(self, weight: float) -> None:
+        torch._foreach_lerp_(self.slow, self.fast, weight)
+        torch._foreach_copy_(self.fast, self.slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "slow": [tensor.cpu() for tensor in self.slow]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for tensor, saved in zip(self.slow, state["slow"]):
+            tensor.copy_(saved)
+
+
 def _weight_average(model: nn.Module, config: TrainConfig):
     if config.ema_decay is None:
         return None
@@ -556,12 +606,14 @@ def _accuracy(model, labelled: tuple[np.ndarray, np.ndarray] | None, prep, runti
     return round(float((predict_probabilities(model, images, prep, runtime).argmax(axis=1) == labels).mean()), 5)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history, average=None) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history, average=None,
+                     lookahead=None) -> None:  # fmt: skip
     """Write to a temp file, then os.replace: a crash mid-write leaves the previous checkpoint intact."""
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
             **({"average": average.state_dict()} if average is not None else {}),
+            **({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

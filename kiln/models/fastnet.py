@@ -12,7 +12,8 @@ The design follows ideas published for fast CIFAR-10 training, rewritten here fr
   [conv3x3 -> maxpool2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU] of widths about 64/256/256, pooling
   before the BatchNorm so that most of each group runs on a quarter of the pixels; BatchNorm scales frozen at 1
   (only the shifts learn) with a fast running-statistics momentum, since a training run lasts a few hundred steps.
-  (Not airbench's identity-initialised convolutions: see `_conv` for why.)
+  airbench's identity-initialised convolutions are an option (`identity_init`, train.identity_init), not the
+  default: see `_conv` for why.
 
 Layout, for a 32x32 RGB input: whitening 2x2 (12 patch dimensions x 2 signs = 24 channels, 32 -> 31 px), GELU;
 group 64 (31 -> 15 px); group 256 (15 -> 7); group 256 (7 -> 3); global max pool; linear 256 -> classes; x 1/9.
@@ -190,6 +191,16 @@ class FastNet(nn.Module):
         eigenvectors = eigenvectors * torch.sign(eigenvectors[largest, torch.arange(patch_dims)])
         filters = eigenvectors.T / torch.sqrt(eigenvalues + self.whitening_eps).unsqueeze(1)
         self._set_whitening(filters, mean)
+
+    @torch.no_grad()
+    def identity_init(self) -> None:
+        """Re-initialise each 3x3 convolution so that its first output channels pass its input channels through
+        unchanged (dirac init, as airbench does; the other filters keep their random init). A deep net then starts
+        close to its shallow part, which speeds up a short run on natural images. Not the default: see `_conv`."""
+        for module in self.features.modules():
+            if isinstance(module, nn.Conv2d):
+                weight = module.weight
+                nn.init.dirac_(weight[: weight.shape[1]])
 
     def _set_whitening(self, filters: torch.Tensor, mean: torch.Tensor) -> None:
         """Load the rows of `filters` [patch_dims, patch_dims] in both signs, with biases that centre patches at

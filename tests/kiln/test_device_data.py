@@ -107,8 +107,9 @@ def test_training_on_the_device_path_lowers_the_loss_and_repeats_exactly_from_it
     assert [row["train_loss"] for row in other_seed] != [row["train_loss"] for row in history]
 
 
-def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path):
-    straight, straight_model = _train(tmp_path, "straight", data_path="device")
+@pytest.mark.parametrize("settings", [{}, {"lookahead_steps": 3}], ids=["plain", "lookahead"])
+def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings):
+    straight, straight_model = _train(tmp_path, "straight", data_path="device", **settings)
 
     class Interrupt(Exception):
         pass
@@ -119,7 +120,7 @@ def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path):
 
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
     spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), data.train_images.shape[1:])
-    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device")
+    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device", **settings)
     train_set = AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec)
     runtime = resolve_runtime("cpu", "fp32")
     checkpoint = tmp_path / "interrupted.pt"
@@ -142,6 +143,16 @@ def test_weight_averaging_leaves_the_averaged_weights_in_the_model(tmp_path):
     differs = [name for name, tensor in model.state_dict().items()
                if tensor.is_floating_point() and not torch.equal(tensor, plain_model.state_dict()[name])]  # fmt: skip
     assert differs  # ... but the model now holds the moving average of them
+
+
+def test_lookahead_trains_and_leaves_the_slow_weights_in_the_model(tmp_path):
+    history, model = _train(tmp_path, "lookahead", data_path="device", lookahead_steps=3)
+    plain, plain_model = _train(tmp_path, "plain", data_path="device")
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], abs=1e-3)  # early pulls: decay ~0
+    assert history[-1]["train_loss"] != plain[-1]["train_loss"]  # later pulls do
+    assert any(not torch.equal(tensor, plain_model.state_dict()[name])
+               for name, tensor in model.state_dict().items() if tensor.is_floating_point())  # fmt: skip
 
 
 def test_gpu_only_settings_degrade_on_the_cpu(tmp_path, caplog):

@@ -193,6 +193,23 @@ def test_training_on_a_constant_background_keeps_the_weights_bounded(prepared):
     assert max(growth) < 2.0, growth
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_identity_init_makes_each_square_convolution_pass_its_input_through(depth):
+    torch.manual_seed(0)
+    model = FastNet(3, 8, 8, 3, widths=SMALL, depth=depth)
+    model.identity_init()
+    convs = [module for module in model.features.modules() if isinstance(module, nn.Conv2d)]
+    square = [conv for conv in convs if conv.in_channels == conv.out_channels]
+    assert len(square) >= len(SMALL) * (depth - 1)  # at least the second conv of every group
+    for conv in square:
+        inputs = torch.randn(2, conv.in_channels, 4, 4)
+        assert torch.allclose(conv(inputs), inputs)
+    widening = convs[0]  # whitening's 24 channels -> 16: its first 16 filters are identities of input channels
+    inputs = torch.randn(2, widening.in_channels, 4, 4)
+    assert torch.allclose(widening(inputs), inputs[:, : widening.out_channels])
+    assert torch.equal(model.whiten.weight, FastNet(3, 8, 8, 3, widths=SMALL, depth=depth).whiten.weight)
+
+
 @pytest.mark.parametrize("name", ["fastnet", "fastnet_wide"])
 def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_path, name):
     torch.manual_seed(0)

@@ -147,3 +147,46 @@ def test_norm_and_bias_parameters_train_at_bias_lr_scale_without_decay_through_t
         scheduler.step()
     ratio = scheduler.get_last_lr()[1] / scheduler.get_last_lr()[0]
     assert ratio == pytest.approx(64)  # one schedule scales both groups
+
+
+def test_the_onecycle_schedule_starts_and_ends_at_the_fractions_asked_for():
+    from kiln.training import make_scheduler
+
+    config = TrainConfig(lr=2.0, warmup_fraction=0.25, initial_lr_fraction=0.2, final_lr_fraction=0.07)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = make_scheduler(optimizer, config, total_steps=20)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[0] == pytest.approx(0.4) and rates[5] == pytest.approx(2.0) and rates[20] == pytest.approx(0.14)
+    assert rates[:6] == sorted(rates[:6]) and rates[5:] == sorted(rates[5:], reverse=True)
+
+
+def test_lookahead_pulls_toward_the_slow_copy_on_airbench_schedule_and_ends_on_it():
+    from kiln.training import Lookahead
+
+    layer = torch.nn.Linear(2, 2)
+    start = layer.weight.detach().clone()
+    lookahead = Lookahead(layer, interval=2, total_steps=4)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    lookahead.step()  # step 1: not a pull
+    assert torch.equal(layer.weight, start + 1.0)
+    lookahead.step()  # step 2 of 4: decay 0.95^2 * (2/4)^3
+    decay = 0.95**2 * 0.5**3
+    assert torch.allclose(layer.weight, start + (1 - decay))
+    slow = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(5.0)
+    lookahead.finish()  # training ends on the slow copy, not the fast weights' last steps
+    assert torch.equal(layer.weight, slow)
+
+
+def test_identity_init_is_refused_for_models_without_it():
+    from kiln.config import load_config
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="identity_init.*fastnet"):
+        load_config(overrides=["train.model=resnet9", "train.identity_init=true"])
