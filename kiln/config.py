@@ -162,7 +162,8 @@ class TrainConfig(Section):
     )
     identity_init: bool = Field(
         False, description="fastnet families: start each convolution as the identity on its first channels (dirac "
-        "init), for faster early training on natural images; not for images with flat backgrounds (kiln/models/fastnet.py)",
+        "init), for faster early training on natural images; not for images with flat backgrounds "
+        "(kiln/models/fastnet.py)",
     )
     bias_lr_scale: float = Field(
         1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed); "
@@ -186,7 +187,8 @@ class TrainConfig(Section):
     def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
         model = info.data.get("model")
         if value and model not in IDENTITY_INIT_MODELS:
-            raise ValueError(f"applies to the {' and '.join(IDENTITY_INIT_MODELS)} models, not {model}; set it to false")
+            families = " and ".join(IDENTITY_INIT_MODELS)
+            raise ValueError(f"applies to the {families} models, not {model}; set it to false")
         return value
 
     @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")

@@ -138,7 +138,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     also cycles the momentum."""
     if config.schedule == "onecycle":
         warmup = max(1, round(config.warmup_fraction * total_steps))
-        factors = partial(_warmup_then_linear, warmup, total_steps, config.initial_lr_fraction, config.final_lr_fraction)
+        ends = (config.initial_lr_fraction, config.final_lr_fraction)
+        factors = partial(_warmup_then_linear, warmup, total_steps, *ends)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     warmup = max(1, total_steps // 20)
     if config.schedule == "constant":
@@ -330,7 +331,9 @@ def fit(
         }
         history.append(row)
         if writer:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead)
+            _save_checkpoint(
+                checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
+            )
             if on_epoch is not None:
                 on_epoch(row)
     if lookahead is not None:
