@@ -5,11 +5,10 @@
 #   bash benchmarks/device_checks.sh run           # there, e.g. device run, carry [".whl", ".data"], timeout 600
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
-# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: knobs.md/.json (airbench94's
-# ideas not yet in cifar10-fast, 2 seeds per combination), compiled.md (torch.compile at 10 epochs), long.md
-# (fastnet_wide for the long target), airbench.md (airbench94 on the same images) and compression.md.
-# Earlier GPU runs (2026-11-26, H200) measured the feed, airbench96, the recipe at 10/20/40 epochs, a 50-run sweep
-# and the compression table; RESULTS.md has them.
+# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: knobs.md/.json (the
+# alternating flip on cifar10-fast), long.md/.json (the same on cifar10-long) and airbench.md/.json (airbench94 on
+# the same images). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
+# sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,18 +71,18 @@ run() {
     # call); every report is written as it goes, so a section cut short keeps what it measured.
     local budget=${BUDGET_S:-560} started=$SECONDS
     setup pydantic,yaml,airbench,kiln.training
-    # The current plan: the recipe with lookahead and identity init over 3 seeds at 10 and 12 epochs (compiled, after
-    # a compiling warm-up), fastnet_wide with cutout for the long target, and airbench96 alongside. The plan before
-    # (knobs: airbench94's ideas over 2 seeds, compile at 10 epochs, fastnet_wide at 20 epochs, airbench94, the
-    # compression table) ran at commit e3a7778; its results are in RESULTS.md.
-    local recipe=(--epochs 10,12 --runs 3 --set train.compile=on)
-    local long=(--epochs 40 --runs 3 --set train.model=fastnet_wide --set augment.cutout=12 --set train.compile=on)
-    local airbench=(--runs 2 --airbench-trainers train96)
+    # The current plan: airbench's alternating flip (augment.flip=alternate), 3 seeds each on cifar10-fast and 2 on
+    # cifar10-long at 44 epochs (compiled after a compiling warm-up: about the 23 s budget), airbench94 alongside.
+    # Earlier plans and what they found: benchmarks/RESULTS.md (the second session's ran at commit 4a1ce16).
+    local knobs=(--sweep-seeds 3 --sweep "augment.flip=random,alternate")
+    local long=(--profile cifar10-long --sweep-seeds 2 --set train.compile=on
+                --sweep "augment.flip=random,alternate;train.epochs=44")
+    local airbench=(--runs 3 --airbench-trainers train94)
     if [ -n "${SMOKE:-}" ]; then
-        local tiny=(--max-train 256 --max-test 128 --runs 1 --warmup-epochs 0)
-        recipe=("${tiny[@]}" --epochs 1 --set train.compile=off)
-        long=("${tiny[@]}" --epochs 1 --set train.model=fastnet_wide --set augment.cutout=12)
-        airbench=(--runs 1 --max-train 512 --max-test 256 --airbench-trainers train96)
+        local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0 --epochs 1)
+        knobs=("${tiny[@]}" --sweep "augment.flip=alternate")
+        long=("${tiny[@]}" --profile cifar10-long --sweep "augment.flip=alternate;train.epochs=1")
+        airbench=(--runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
     fi
     section() {  # section NAME SHARE_OF_WHAT_IS_LEFT(%) COMMAND...: runs COMMAND under that time limit, tee'd to $OUT
         local name=$1 share=$2; shift 2
@@ -93,10 +92,10 @@ run() {
         if [ "$limit" -lt 20 ]; then echo "== $name: skipped, too little time left" | tee "$OUT/$name.md"; return 0; fi
         timeout -k 10 "$limit" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.md" || echo "== $name: stopped (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$name.md"
     }
-    local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
-    section recipe 30 "${speed[@]}" "${recipe[@]}" --json-out "$OUT/recipe.json"
-    section long 65 "${speed[@]}" "${long[@]}" --json-out "$OUT/long.json"
-    section airbench 100 "${speed[@]}" --skip-recipe --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
+    local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe --epochs 10)
+    section knobs 40 "${speed[@]}" "${knobs[@]}" --json-out "$OUT/knobs.json"
+    section long 70 "${speed[@]}" "${long[@]}" --json-out "$OUT/long.json"
+    section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
 }
 
 case "${1:-}" in

@@ -58,7 +58,8 @@ def resolve_policy(
     if policy in ("crop", "crop_flip"):
         ops.append({"op": "RandomCrop", "size": [height, width], "padding": padding, "padding_mode": "reflect"})
     if policy == "crop_flip":
-        ops.append({"op": "RandomHorizontalFlip", "p": 0.5})
+        flip = {"op": "RandomHorizontalFlip", "p": 0.5}
+        ops.append({**flip, "alternate": True} if config.flip == "alternate" else flip)
     if config.cutout > 0 and policy != "none":
         mean = channel_mean if channel_mean is not None else [0.5] * channels
         ops.append({"op": "Cutout", "size": config.cutout, "fill": [int(round(255 * value)) for value in mean]})
@@ -71,7 +72,8 @@ def build_transform(spec: dict[str, Any]) -> v2.Compose | v2.Identity:
         raise ConfigError(f"augmentation policy version {spec.get('version')!r} is not supported by this kiln")
     transforms = []
     for op in spec["ops"]:
-        arguments = {name: value for name, value in op.items() if name != "op"}
+        # Per image, without the epoch, an alternating flip can only be a random one (see AugmentConfig.flip).
+        arguments = {name: value for name, value in op.items() if name not in ("op", "alternate")}
         if op["op"] not in _OPS:
             raise ConfigError(f"unknown augmentation op {op['op']!r}; known: {', '.join(_OPS)}")
         if "padding_mode" in arguments and min(spec["image_shape"][:2]) <= arguments.get("padding", 0):

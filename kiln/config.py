@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kiln.errors import ConfigError
 
-PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "mnist", "imagefolder")
+PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "cifar10-long", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
 IDENTITY_INIT_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init()
@@ -114,6 +114,11 @@ class AugmentConfig(Section):
     )
     cutout: int = Field(
         0, ge=0, description="side in pixels of a random square filled with the mean colour (Cutout); 0: off",
+    )
+    flip: Literal["random", "alternate"] = Field(
+        "random", description="crop_flip's flips. alternate: each training image is mirrored in every other epoch "
+        "(which epochs is random per image), so every two epochs see both orientations (airbench); on the device "
+        "data path; the DataLoader path flips at random",
     )
     preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
     seed: int = Field(0, description="for the preview only; training draws from train.seed")
@@ -375,11 +380,14 @@ def parse_config(values: dict[str, Any]) -> PipelineConfig:
 
 
 def profile_values(name: str) -> dict[str, Any]:
-    """The raw values of a named profile shipped with kiln."""
+    """The raw values of a named profile shipped with kiln; one with `extends: BASE` is BASE's values with its own
+    merged over them, key by key."""
     if name not in PROFILE_NAMES:
         raise ConfigError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILE_NAMES)}")
     text = resources.files("kiln.profiles").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+    values = yaml.safe_load(text) or {}
+    base = values.pop("extends", None)
+    return _deep_merge(profile_values(base), values) if base else values
 
 
 def _check_cross_section(config: PipelineConfig) -> None:

@@ -55,15 +55,21 @@ class DeviceBatches:
         batch_size: int,
         channels_last: bool = False,
         shard: tuple[int, int] = (0, 1),
+        seed: int = 0,
     ):
         """`images` uint8 [N, H, W, C]; `policy` the augment stage's spec; `shard` (rank, world size): in data-parallel
-        training each rank takes every world-th sample of each global batch of `batch_size`. Raises ConfigError for an
-        op this path cannot run (use the DataLoader path for it)."""
+        training each rank takes every world-th sample of each global batch of `batch_size`; `seed` picks which images
+        an alternating flip mirrors in odd epochs. Raises ConfigError for an op this path cannot run (use the
+        DataLoader path for it)."""
         self.device, self.batch_size, self.channels_last = device, batch_size, channels_last
         self.rank, self.world_size = shard
         self.count = len(labels)
         self.drop_last = self.count > batch_size  # as the DataLoader path: full batches only, unless one is all
         self.crop, self.flip_probability, self.cutout = _parse_policy(policy)
+        self.odd_epoch_flips = None
+        if self.flip_probability > 0 and alternating_flip(policy):
+            draws = torch.rand(self.count, generator=torch.Generator().manual_seed(seed))
+            self.odd_epoch_flips = (draws < self.flip_probability).to(device)
         padding = self.crop.padding if self.crop else 0
         nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.images = _reflect_pad(nchw.to(device), padding)  # uint8 [N, C, H + 2p, W + 2p], once
@@ -76,9 +82,12 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
 
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One pass in a random order: (normalized float images [B, C, H, W], labels [B]) on the device."""
+    def epoch(self, generator: torch.Generator, number: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Pass `number` (from 1) in a random order: (normalized float images [B, C, H, W], labels [B]) on the
+        device."""
         draws = self._draw(generator)  # every rank draws the same numbers from the same seed: the same global batches
+        if self.odd_epoch_flips is not None:  # mirrored in odd epochs, the others in even ones
+            draws["flip"] = self.odd_epoch_flips[draws["order"]] ^ (number % 2 == 0)
         for batch in range(len(self)):
             chosen = torch.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.count),
                                   device=self.device)[self.rank :: self.world_size]  # fmt: skip
@@ -91,7 +100,7 @@ class DeviceBatches:
             span = 2 * self.crop.padding + 1
             draws["dy"] = torch.randint(0, span, (count,), generator=generator)
             draws["dx"] = torch.randint(0, span, (count,), generator=generator)
-        if self.flip_probability > 0:
+        if self.flip_probability > 0 and self.odd_epoch_flips is None:
             draws["flip"] = torch.rand(count, generator=generator) < self.flip_probability
         if self.cutout is not None:
             draws["cy"] = torch.randint(0, self.height, (count,), generator=generator)
@@ -149,6 +158,10 @@ def _parse_policy(policy: dict[str, Any]) -> tuple[_Crop | None, float, _Cutout 
         elif op["op"] == "Cutout":
             cutout = _Cutout(int(op["size"]), tuple(int(value) for value in op["fill"]))
     return crop, flip, cutout
+
+
+def alternating_flip(policy: dict[str, Any]) -> bool:
+    return any(op["op"] == "RandomHorizontalFlip" and op.get("alternate") for op in policy.get("ops", []))
 
 
 def _reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:

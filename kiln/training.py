@@ -222,7 +222,9 @@ class Objective:
         return {}
 
 
-COMPILE_MIN_STEPS = 2000  # compile=auto: below this many steps, compiling (tens of seconds) costs more than it saves
+# compile=auto: below this many steps, compiling costs more than it saves. On an H200 (benchmarks/RESULTS.md) it took
+# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps); ResNet-9 saves ~3.7 ms a step (issue #7).
+COMPILE_MIN_STEPS = 10_000
 PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
 
 
@@ -297,7 +299,7 @@ def fit(
         loss_sum = torch.zeros((), device=runtime.device)
         correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
         seen = 0
-        for inputs, labels in batches.epoch(generator):
+        for inputs, labels in batches.epoch(generator, epoch):
             with runtime.autocast():
                 logits = step(inputs)
                 loss = objective.loss(inputs, logits.float(), labels)
@@ -369,7 +371,7 @@ class _LoaderBatches:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         return DistributedSampler(self.train_set, world, rank, shuffle=True, seed=seed, drop_last=self.drop_last)
 
-    def epoch(self, generator: torch.Generator):
+    def epoch(self, generator: torch.Generator, number: int):
         if self.loader is None:  # built once: its workers persist across epochs and its sampler draws from generator
             sampler = self._sampler(generator)
             self.loader = DataLoader(
@@ -384,8 +386,7 @@ class _LoaderBatches:
                 generator=generator,
             )
         if self.loader.sampler is not None and hasattr(self.loader.sampler, "set_epoch"):
-            self.epochs_run = getattr(self, "epochs_run", 0) + 1
-            self.loader.sampler.set_epoch(self.epochs_run)
+            self.loader.sampler.set_epoch(number)
         for images, labels in self.loader:
             inputs = self.normalizer(images.to(self.runtime.device, non_blocking=True))
             if self.channels_last:
@@ -402,15 +403,15 @@ class _DeviceBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def epoch(self, generator: torch.Generator):
-        return self.batches.epoch(generator)
+    def epoch(self, generator: torch.Generator, number: int):
+        return self.batches.epoch(generator, number)
 
 
 def training_batches(train_set: AugmentedImages, prep: Preprocessing, config: TrainConfig, runtime: Runtime,
                      channels_last: bool = False, distributed: Distributed | None = None):  # fmt: skip
     """The batch source `config.data_path` asks for: the device path where it applies, else the DataLoader path
     (with a log line saying why when the device path was asked for explicitly)."""
-    from kiln.device_data import DeviceBatches, fits_on_device, unsupported_ops
+    from kiln.device_data import DeviceBatches, alternating_flip, fits_on_device, unsupported_ops
 
     shard = (0, 1) if distributed is None else (distributed.rank, distributed.world_size)
     if config.batch_size % shard[1]:
@@ -432,10 +433,12 @@ def training_batches(train_set: AugmentedImages, prep: Preprocessing, config: Tr
         if not reason:
             return _DeviceBatches(DeviceBatches(
                 train_set.images, train_set.labels, train_set.policy, prep, runtime.device, config.batch_size,
-                channels_last, shard,
+                channels_last, shard, config.seed,
             ))  # fmt: skip
         log = LOGGER.warning if config.data_path == "device" else LOGGER.info
         log(f"device data path not used: {reason}; using the DataLoader path")
+    if train_set.policy is not None and alternating_flip(train_set.policy):
+        LOGGER.info("augment.flip=alternate runs on the device data path; the DataLoader path flips at random")
     return _LoaderBatches(train_set, prep, config, runtime, channels_last, shard)
 
 

@@ -87,7 +87,7 @@ def test_unknown_model(store_root):
 def test_unknown_profile(store_root):
     config_fails(
         store_root,
-        "unknown profile 'nope'; choose one of: quickstart, cifar10, cifar10-fast, mnist, imagefolder",
+        "unknown profile 'nope'; choose one of: quickstart, cifar10, cifar10-fast, cifar10-long, mnist, imagefolder",
         profile="nope",
     )
 
@@ -147,6 +147,6 @@ def test_cli_unknown_profile(tmp_path, store_root):
 
     assert result.stderr.splitlines()[-1] == (
         "kiln run: error: argument --profile: invalid choice: 'nope' "
-        "(choose from 'quickstart', 'cifar10', 'cifar10-fast', 'mnist', 'imagefolder')"
+        "(choose from 'quickstart', 'cifar10', 'cifar10-fast', 'cifar10-long', 'mnist', 'imagefolder')"
     )  # argparse: the usage lines, then this one
     assert_refused_before_running(result, tmp_path, store_root)

@@ -72,6 +72,28 @@ def test_flip_and_cutout_do_what_the_policy_says():
         assert np.array_equal(output[untouched], flipped[untouched])
 
 
+def test_an_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    images = images_of(count=64, size=8)
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=0, flip="alternate"), (8, 8, 3))
+    assert spec["ops"][1] == {"op": "RandomHorizontalFlip", "p": 0.5, "alternate": True}
+    build_transform(spec)(torch.from_numpy(images[0]).permute(2, 0, 1))  # per image: a random flip
+    prep = Preprocessing(8, 8, 3, (0.0,) * 3, (1 / 255,) * 3)
+
+    def mirrored_in(epoch: int, seed: int = 0) -> torch.Tensor:
+        batches = DeviceBatches(images, np.arange(64), spec, prep, CPU, batch_size=64, seed=seed)
+        [(inputs, labels)] = list(batches.epoch(torch.Generator().manual_seed(epoch), epoch))
+        outputs = inputs.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        flips = [not np.array_equal(output, images[index]) for output, index in zip(outputs, labels.tolist())]
+        for output, index, flipped in zip(outputs, labels.tolist(), flips):
+            assert np.array_equal(output, images[index][:, ::-1] if flipped else images[index])
+        return torch.tensor(flips)[labels.argsort()]  # by image
+
+    first, second, third = mirrored_in(1), mirrored_in(2), mirrored_in(3)
+    assert torch.equal(first, ~second) and torch.equal(first, third)
+    assert 16 < int(first.sum()) < 48  # about half the images start mirrored
+    assert not torch.equal(first, mirrored_in(1, seed=1))  # which ones: the seed's choice
+
+
 def test_the_policy_from_the_augment_stage_runs_on_both_paths_with_the_same_ops():
     spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=2, cutout=3), (8, 8, 3), [0.5, 0.4, 0.3])
     assert [op["op"] for op in spec["ops"]] == ["RandomCrop", "RandomHorizontalFlip", "Cutout"]
@@ -84,10 +106,11 @@ def test_the_policy_from_the_augment_stage_runs_on_both_paths_with_the_same_ops(
         DeviceBatches(images, np.arange(10), {"ops": [{"op": "Solarize"}]}, prep_for(images), CPU, 5)
 
 
-def _train(tmp_path: Path, name: str, **settings) -> tuple[list[dict], torch.nn.Module]:
+def _train(tmp_path: Path, name: str, flip: str = "random", **settings) -> tuple[list[dict], torch.nn.Module]:
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
     images, labels = data.train_images, data.train_labels
-    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), images.shape[1:])
+    augment = AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2, flip=flip)
+    spec = resolve_policy(augment, images.shape[1:])
     config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, **settings)
     runtime = resolve_runtime(config.device, config.precision)
     torch.manual_seed(config.seed)
@@ -107,9 +130,10 @@ def test_training_on_the_device_path_lowers_the_loss_and_repeats_exactly_from_it
     assert [row["train_loss"] for row in other_seed] != [row["train_loss"] for row in history]
 
 
-@pytest.mark.parametrize("settings", [{}, {"lookahead_steps": 3}], ids=["plain", "lookahead"])
-def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings):
-    straight, straight_model = _train(tmp_path, "straight", data_path="device", **settings)
+@pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 3}, "alternate")],
+                         ids=["plain", "lookahead-alternating-flip"])  # fmt: skip
+def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
+    straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
 
     class Interrupt(Exception):
         pass
@@ -119,7 +143,8 @@ def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, sett
             raise Interrupt
 
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
-    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), data.train_images.shape[1:])
+    augment = AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2, flip=flip)
+    spec = resolve_policy(augment, data.train_images.shape[1:])
     config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device", **settings)
     train_set = AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec)
     runtime = resolve_runtime("cpu", "fp32")
@@ -170,3 +195,14 @@ def test_a_transform_without_its_policy_falls_back_to_the_loader_path(caplog):
                                resolve_runtime("cpu", "fp32"))  # fmt: skip
     assert batches.name == "loader"
     assert "device data path not used: no augmentation policy spec was given" in caplog.text
+
+
+def test_an_alternating_flip_on_the_loader_path_says_it_flips_at_random(caplog):
+    images = images_of()
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", flip="alternate"), images.shape[1:])
+    train_set = AugmentedImages(images, np.arange(20), build_transform(spec), spec)
+    with caplog.at_level("INFO", logger="kiln"):
+        batches = training_batches(train_set, prep_for(images), TrainConfig(data_path="loader", batch_size=8),
+                                   resolve_runtime("cpu", "fp32"))  # fmt: skip
+    assert batches.name == "loader" and "the DataLoader path flips at random" in caplog.text
+    assert len(list(batches.epoch(torch.Generator().manual_seed(0), 1))) == 2
