@@ -103,7 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep", action="append", default=[], type=_grid, help="a grid to try, --sweep-seeds runs "
                         "per combination at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' "
                         "(repeatable)")  # fmt: skip
-    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds 0..N-1 for each combination of a sweep")
+    parser.add_argument("--sweep-seeds", type=_positive_int, default=1, help="seeds 0..N-1 for each combination")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -121,6 +121,12 @@ def _grid(text: str) -> list[tuple[str, list[str]]]:
     if not axes:
         raise argparse.ArgumentTypeError("an empty grid: give KEY=VALUE[,VALUE...] pairs separated by ';'")
     return axes
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def _int_list(text: str) -> list[int]:

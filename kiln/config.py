@@ -191,9 +191,19 @@ class TrainConfig(Section):
     @classmethod
     def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
         model = info.data.get("model")
-        if value and model not in IDENTITY_INIT_MODELS:
+        if value and model is not None and model not in IDENTITY_INIT_MODELS:  # None: model itself was invalid
             families = " and ".join(IDENTITY_INIT_MODELS)
-            raise ValueError(f"applies to the {families} models, not {model}; set it to false")
+            raise ValueError(f"applies to the {families} models, not {model} (the cifar10-fast and cifar10-long "
+                             "profiles turn it on): add --set train.identity_init=false")  # fmt: skip
+        return value
+
+    @field_validator("lookahead_steps")
+    @classmethod
+    def _one_weight_average(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("ema_decay") is not None:
+            raise ValueError("and train.ema_decay both average the weights, so only one can be set (the "
+                             "cifar10-fast and cifar10-long profiles use lookahead): add --set "
+                             "train.lookahead_steps=null or --set train.ema_decay=null")  # fmt: skip
         return value
 
     @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")
@@ -379,7 +389,7 @@ def parse_config(values: dict[str, Any]) -> PipelineConfig:
     return config
 
 
-def profile_values(name: str) -> dict[str, Any]:
+def profile_values(name: str, _extending: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw values of a named profile shipped with kiln; one with `extends: BASE` is BASE's values with its own
     merged over them, key by key."""
     if name not in PROFILE_NAMES:
@@ -387,10 +397,20 @@ def profile_values(name: str) -> dict[str, Any]:
     text = resources.files("kiln.profiles").joinpath(f"{name}.yaml").read_text()
     values = yaml.safe_load(text) or {}
     base = values.pop("extends", None)
-    return _deep_merge(profile_values(base), values) if base else values
+    if base in _extending:
+        raise ConfigError(f"profile {name!r} extends {base!r}, which extends it again; break the cycle")
+    return _deep_merge(profile_values(base, (*_extending, name)), values) if base else values
+
+
+FLAT_BACKGROUND_SOURCES = ("digits", "mnist", "fashion-mnist")
 
 
 def _check_cross_section(config: PipelineConfig) -> None:
+    if config.train.identity_init and config.data.source in FLAT_BACKGROUND_SOURCES:
+        raise ConfigError(
+            f"train.identity_init is for natural images, not {config.data.source}: on a flat background it makes "
+            "the weights blow up (kiln/models/fastnet.py); add --set train.identity_init=false"
+        )
     if config.data.source == "imagefolder" and not config.data.uri:
         raise ConfigError(
             "data.uri is required when data.source is imagefolder: "

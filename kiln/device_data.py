@@ -82,7 +82,7 @@ class DeviceBatches:
     def __len__(self) -> int:
         return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
 
-    def epoch(self, generator: torch.Generator, number: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, generator: torch.Generator, number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Pass `number` (from 1) in a random order: (normalized float images [B, C, H, W], labels [B]) on the
         device."""
         draws = self._draw(generator)  # every rank draws the same numbers from the same seed: the same global batches

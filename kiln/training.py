@@ -271,7 +271,7 @@ def fit(
             model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
     average = _weight_average(model, config)
     total_steps = config.epochs * len(batches)
-    lookahead = Lookahead(model, config.lookahead_steps, total_steps) if config.lookahead_steps else None
+    lookahead = _lookahead(model, config, total_steps)
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resuming:
@@ -316,6 +316,8 @@ def fit(
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += len(labels)
+        if lookahead is not None and epoch == config.epochs:
+            lookahead.finish()  # before the last epoch is scored and saved: those are the weights fit returns
         _synchronize(runtime)
         seconds = time.perf_counter() - started
         if distributed is not None:
@@ -338,8 +340,6 @@ def fit(
             )
             if on_epoch is not None:
                 on_epoch(row)
-    if lookahead is not None:
-        lookahead.finish()
     if average is not None:
         model.load_state_dict(average.module.state_dict())
     return history
@@ -507,6 +507,19 @@ class Lookahead:
         self.steps = int(state["steps"])
         for tensor, saved in zip(self.slow, state["slow"]):
             tensor.copy_(saved)
+
+
+LOOKAHEAD_MIN_PULLS = 10  # in a shorter run the slow copy would mostly hold the weights back at their start
+
+
+def _lookahead(model: nn.Module, config: TrainConfig, total_steps: int) -> Lookahead | None:
+    if config.lookahead_steps is None:
+        return None
+    if total_steps < LOOKAHEAD_MIN_PULLS * config.lookahead_steps:
+        LOGGER.info(f"lookahead off: {total_steps} steps make fewer than {LOOKAHEAD_MIN_PULLS} pulls of every "
+                    f"{config.lookahead_steps} steps")  # fmt: skip
+        return None
+    return Lookahead(model, config.lookahead_steps, total_steps)
 
 
 def _weight_average(model: nn.Module, config: TrainConfig):

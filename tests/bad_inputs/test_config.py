@@ -101,6 +101,29 @@ def test_wrong_type(store_root):
     )
 
 
+def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.identity_init: Value error, applies to the fastnet and fastnet_wide models, "
+        "not resnet9 (the cifar10-fast and cifar10-long profiles turn it on): add --set train.identity_init=false "
+        "(got True)",
+        profile="cifar10-fast", overrides=["train.model=resnet9"],
+    )  # fmt: skip
+    config_fails(
+        store_root,
+        "train.identity_init is for natural images, not mnist: on a flat background it makes the weights blow up "
+        "(kiln/models/fastnet.py); add --set train.identity_init=false",
+        profile="cifar10-long", overrides=["data.source=mnist"],
+    )  # fmt: skip
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.lookahead_steps: Value error, and train.ema_decay both average the weights, "
+        "so only one can be set (the cifar10-fast and cifar10-long profiles use lookahead): add --set "
+        "train.lookahead_steps=null or --set train.ema_decay=null (got 5)",
+        profile="cifar10-fast", overrides=["train.ema_decay=0.99"],
+    )  # fmt: skip
+
+
 # --- through the `kiln` command -----------------------------------------------------------------------------------
 def kiln_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`kiln run ARGS` in a fresh folder with a private Prefect home, as a user would type it."""

@@ -111,3 +111,18 @@ def test_the_long_recipe_is_the_fast_one_on_the_wide_model_with_cutout():
     changed = {"model", "epochs"}
     assert long.train.model_dump(exclude=changed) == fast.train.model_dump(exclude=changed)
     assert long.augment.crop_padding == fast.augment.crop_padding and long.evaluate.tta == fast.evaluate.tta
+
+
+def test_a_profile_that_extends_itself_is_refused(monkeypatch):
+    from kiln import config as config_module
+
+    monkeypatch.setattr(config_module, "PROFILE_NAMES", (*PROFILE_NAMES, "loop-a", "loop-b"))
+    texts = {"loop-a": "extends: loop-b\n", "loop-b": "extends: loop-a\n"}
+
+    class Profiles:
+        def joinpath(self, name):
+            return type("Text", (), {"read_text": lambda self: texts[name.removesuffix(".yaml")]})()
+
+    monkeypatch.setattr(config_module.resources, "files", lambda package: Profiles())
+    with pytest.raises(ConfigError, match="profile 'loop-b' extends 'loop-a', which extends it again"):
+        config_module.profile_values("loop-a")

@@ -15,7 +15,7 @@ from kiln.device_data import DeviceBatches, _crop, _reflect_pad
 from kiln.errors import ConfigError
 from kiln.models import ModelSpec, build_model
 from kiln.runtime.preprocess import Preprocessing
-from kiln.training import AugmentedImages, fit, resolve_runtime, training_batches
+from kiln.training import AugmentedImages, fit, predict_probabilities, resolve_runtime, training_batches
 from tests.conftest import make_blobs_dataset
 
 CPU = torch.device("cpu")
@@ -35,12 +35,12 @@ def test_without_augmentation_batches_are_the_normalized_images_in_a_seeded_orde
     prep = prep_for(images)
     batches = DeviceBatches(images, labels, {"ops": []}, prep, CPU, batch_size=8)
     assert len(batches) == 2  # full batches only, as the DataLoader path (drop_last)
-    seen = list(batches.epoch(torch.Generator().manual_seed(0)))
+    seen = list(batches.epoch(torch.Generator().manual_seed(0), 1))
     for inputs, batch_labels in seen:
         assert inputs.dtype == torch.float32 and inputs.shape == (8, 3, 8, 8)
         expected = torch.from_numpy(prep.normalize(images[batch_labels.numpy()]))
         torch.testing.assert_close(inputs, expected, rtol=0, atol=1e-5)  # labels still name their own images
-    again = list(DeviceBatches(images, labels, {"ops": []}, prep, CPU, 8).epoch(torch.Generator().manual_seed(0)))
+    again = list(DeviceBatches(images, labels, {"ops": []}, prep, CPU, 8).epoch(torch.Generator().manual_seed(0), 1))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(seen, again))
 
 
@@ -62,7 +62,7 @@ def test_flip_and_cutout_do_what_the_policy_says():
     policy = {"ops": [{"op": "RandomHorizontalFlip", "p": 1.0}, {"op": "Cutout", "size": 4, "fill": [255, 0, 7]}]}
     prep = Preprocessing(8, 8, 3, (0.0,) * 3, (1 / 255,) * 3)  # normalization = identity on the 0..255 scale
     batches = DeviceBatches(images, np.arange(16), policy, prep, CPU, batch_size=16)
-    [(inputs, labels)] = list(batches.epoch(torch.Generator().manual_seed(1)))
+    [(inputs, labels)] = list(batches.epoch(torch.Generator().manual_seed(1), 1))
     for output, index in zip(inputs.round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels.tolist()):
         flipped = images[index][:, ::-1]
         filled = np.all(output == [255, 0, 7], axis=2) & np.any(flipped != [255, 0, 7], axis=2)
@@ -101,7 +101,8 @@ def test_the_policy_from_the_augment_stage_runs_on_both_paths_with_the_same_ops(
     images = images_of(count=10)
     build_transform(spec)(torch.from_numpy(images[0]).permute(2, 0, 1))  # the per-image path accepts it
     batches = DeviceBatches(images, np.arange(10), spec, prep_for(images), CPU, batch_size=5)
-    assert [tuple(inputs.shape) for inputs, _ in batches.epoch(torch.Generator().manual_seed(0))] == [(5, 3, 8, 8)] * 2
+    shapes = [tuple(inputs.shape) for inputs, _ in batches.epoch(torch.Generator().manual_seed(0), 1)]
+    assert shapes == [(5, 3, 8, 8)] * 2
     with pytest.raises(ConfigError, match="cannot run augmentation op\\(s\\) Solarize; set train.data_path=loader"):
         DeviceBatches(images, np.arange(10), {"ops": [{"op": "Solarize"}]}, prep_for(images), CPU, 5)
 
@@ -130,7 +131,7 @@ def test_training_on_the_device_path_lowers_the_loss_and_repeats_exactly_from_it
     assert [row["train_loss"] for row in other_seed] != [row["train_loss"] for row in history]
 
 
-@pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 3}, "alternate")],
+@pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate")],
                          ids=["plain", "lookahead-alternating-flip"])  # fmt: skip
 def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
     straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
@@ -171,7 +172,7 @@ def test_weight_averaging_leaves_the_averaged_weights_in_the_model(tmp_path):
 
 
 def test_lookahead_trains_and_leaves_the_slow_weights_in_the_model(tmp_path):
-    history, model = _train(tmp_path, "lookahead", data_path="device", lookahead_steps=3)
+    history, model = _train(tmp_path, "lookahead", data_path="device", lookahead_steps=2)  # 24 steps: 12 pulls
     plain, plain_model = _train(tmp_path, "plain", data_path="device")
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[0]["train_loss"] == pytest.approx(plain[0]["train_loss"], abs=1e-3)  # early pulls: decay ~0
@@ -206,3 +207,27 @@ def test_an_alternating_flip_on_the_loader_path_says_it_flips_at_random(caplog):
                                    resolve_runtime("cpu", "fp32"))  # fmt: skip
     assert batches.name == "loader" and "the DataLoader path flips at random" in caplog.text
     assert len(list(batches.epoch(torch.Generator().manual_seed(0), 1))) == 2
+
+
+def test_lookahead_is_off_in_a_run_too_short_for_it_and_the_last_score_is_of_the_returned_weights(tmp_path):
+    data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
+    images, labels = data.train_images, data.train_labels
+    spec = resolve_policy(AugmentConfig(policy="none"), images.shape[1:])
+    held_out = (data.test_images, data.test_labels)
+
+    def run(name: str, batch_size: int = 16, **settings):
+        config = TrainConfig(model="simple_cnn", batch_size=batch_size, lr=3e-3, data_path="device", **settings)
+        torch.manual_seed(0)
+        model = build_model(ModelSpec("simple_cnn", images.shape[1:], 3))
+        history = fit(model, AugmentedImages(images, labels, None, spec), held_out, prep_for(images), config,
+                      resolve_runtime("cpu", "fp32"), tmp_path / f"{name}.pt")  # fmt: skip
+        return history, model
+
+    _, short = run("short", epochs=1, lookahead_steps=5)  # 6 steps: fewer than 10 pulls, so plain training
+    _, plain = run("plain", epochs=1)
+    assert all(torch.equal(tensor, plain.state_dict()[name]) for name, tensor in short.state_dict().items())
+    history, model = run("long", epochs=7, batch_size=32, lookahead_steps=2)  # 21 steps: the last is not a pull
+    probabilities = predict_probabilities(model, *held_out[:1], prep_for(images), resolve_runtime("cpu", "fp32"))
+    assert history[-1]["val_accuracy"] == round(float((probabilities.argmax(axis=1) == held_out[1]).mean()), 5)
+    saved = torch.load(tmp_path / "long.pt", weights_only=True)["model"]  # a resumed finished run returns these
+    assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
