@@ -125,6 +125,7 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
+    not_in_key = frozenset({"checkpoint_interval_s"})
     model: ModelName = "simple_cnn"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -173,6 +174,10 @@ class TrainConfig(Section):
     bias_lr_scale: float = Field(
         1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed); "
         "fast CIFAR recipes with BatchNorm scales frozen train the shifts much faster than the weights",
+    )
+    checkpoint_interval_s: float = Field(
+        0.0, ge=0, description="seconds between checkpoints (one is always written after the last epoch); 0: after "
+        "every epoch. On a GPU an epoch of a small model can take less time than writing its checkpoint",
     )
     devices: int | Literal["auto"] = Field(
         1, description="data-parallel processes (DDP, launched with torchrun): one per GPU; auto: every visible "

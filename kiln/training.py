@@ -241,7 +241,8 @@ def fit(
     objective: Objective | None = None,
     initialise: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train for config.epochs, checkpointing after every epoch and resuming from `checkpoint_path` if present.
+    """Train for config.epochs, checkpointing after every epoch (or every `checkpoint_interval_s` seconds, and
+    after the last) and resuming from `checkpoint_path` if present.
 
     With `distributed` (a torch.distributed process group already initialised), every rank runs this with the same
     arguments: each takes its 1/world share of every global batch of config.batch_size, metrics are summed across
@@ -292,6 +293,7 @@ def fit(
     step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
     writer = distributed is None or distributed.is_writer
     evaluated = average.module if average is not None else model
+    last_saved = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         _synchronize(runtime)
@@ -335,9 +337,11 @@ def fit(
         }
         history.append(row)
         if writer:
-            _save_checkpoint(
-                checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
-            )
+            if epoch == config.epochs or time.perf_counter() - last_saved >= config.checkpoint_interval_s:
+                _save_checkpoint(
+                    checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
+                )
+                last_saved = time.perf_counter()
             if on_epoch is not None:
                 on_epoch(row)
     if average is not None:

@@ -231,3 +231,25 @@ def test_lookahead_is_off_in_a_run_too_short_for_it_and_the_last_score_is_of_the
     assert history[-1]["val_accuracy"] == round(float((probabilities.argmax(axis=1) == held_out[1]).mean()), 5)
     saved = torch.load(tmp_path / "long.pt", weights_only=True)["model"]  # a resumed finished run returns these
     assert all(torch.equal(tensor, saved[name]) for name, tensor in model.state_dict().items())
+
+
+def test_with_a_checkpoint_interval_only_the_last_epoch_of_a_short_run_is_saved(tmp_path):
+    straight, _ = _train(tmp_path, "straight", data_path="device")
+    saved_epochs = []
+
+    def note_checkpoint(row):
+        checkpoint = tmp_path / "spaced.pt"
+        saved_epochs.append(torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else None)
+
+    data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2), data.train_images.shape[1:])
+    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device",
+                         checkpoint_interval_s=3600)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("simple_cnn", data.train_images.shape[1:], 3))
+    history = fit(model, AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec), None,
+                  prep_for(data.train_images), config, resolve_runtime("cpu", "fp32"), tmp_path / "spaced.pt",
+                  note_checkpoint)  # fmt: skip
+    assert saved_epochs == [None, None, None, 4]
+    assert [row["train_loss"] for row in history] == [row["train_loss"] for row in straight]  # training unchanged
+    assert TrainConfig(checkpoint_interval_s=30).key_fields() == TrainConfig().key_fields()  # not in the stage key
