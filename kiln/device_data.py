@@ -69,7 +69,7 @@ class DeviceBatches:
         self.odd_epoch_flips = None
         if self.flip_probability > 0 and alternating_flip(policy):
             draws = torch.rand(self.count, generator=torch.Generator().manual_seed(seed))
-            self.odd_epoch_flips = (draws < self.flip_probability).to(device)
+            self.odd_epoch_flips = draws < self.flip_probability  # on the CPU, like every other draw
         padding = self.crop.padding if self.crop else 0
         nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         self.images = _reflect_pad(nchw.to(device), padding)  # uint8 [N, C, H + 2p, W + 2p], once
@@ -85,22 +85,22 @@ class DeviceBatches:
     def epoch(self, generator: torch.Generator, number: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Pass `number` (from 1) in a random order: (normalized float images [B, C, H, W], labels [B]) on the
         device."""
-        draws = self._draw(generator)  # every rank draws the same numbers from the same seed: the same global batches
-        if self.odd_epoch_flips is not None:  # mirrored in odd epochs, the others in even ones
-            draws["flip"] = self.odd_epoch_flips[draws["order"]] ^ (number % 2 == 0)
+        draws = self._draw(generator, number)  # every rank draws the same numbers from one seed: the same batches
         for batch in range(len(self)):
             chosen = torch.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.count),
                                   device=self.device)[self.rank :: self.world_size]  # fmt: skip
             yield self._augment(draws, chosen), self.labels[draws["order"][chosen]]
 
-    def _draw(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _draw(self, generator: torch.Generator, number: int) -> dict[str, torch.Tensor]:
         count = self.count
         draws = {"order": torch.randperm(count, generator=generator)}
         if self.crop is not None:
             span = 2 * self.crop.padding + 1
             draws["dy"] = torch.randint(0, span, (count,), generator=generator)
             draws["dx"] = torch.randint(0, span, (count,), generator=generator)
-        if self.flip_probability > 0 and self.odd_epoch_flips is None:
+        if self.odd_epoch_flips is not None:  # mirrored in odd epochs, the others in even ones
+            draws["flip"] = self.odd_epoch_flips[draws["order"]] ^ (number % 2 == 0)
+        elif self.flip_probability > 0:
             draws["flip"] = torch.rand(count, generator=generator) < self.flip_probability
         if self.cutout is not None:
             draws["cy"] = torch.randint(0, self.height, (count,), generator=generator)
