@@ -123,6 +123,14 @@ class AugmentConfig(Section):
     preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
     seed: int = Field(0, description="for the preview only; training draws from train.seed")
 
+    @field_validator("flip")
+    @classmethod
+    def _alternating_needs_flips(cls, value: str, info: ValidationInfo) -> str:
+        policy = info.data.get("policy")
+        if value == "alternate" and policy in ("none", "crop"):
+            raise ValueError(f"alternate needs a policy that flips, not {policy}: set augment.policy=crop_flip")
+        return value
+
 
 class TrainConfig(Section):
     not_in_key = frozenset({"checkpoint_interval_s"})

@@ -124,6 +124,13 @@ def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(sto
         profile="cifar10-fast", overrides=["train.ema_decay=0.99"],
     )  # fmt: skip
 
+    config_fails(
+        store_root,
+        "invalid configuration:\n  augment.flip: Value error, alternate needs a policy that flips, not crop: set "
+        "augment.policy=crop_flip (got 'alternate')",
+        overrides=["augment.policy=crop", "augment.flip=alternate"],
+    )  # fmt: skip
+
 
 # --- through the `kiln` command -----------------------------------------------------------------------------------
 def kiln_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
