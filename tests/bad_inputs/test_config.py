@@ -124,6 +124,8 @@ def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(sto
         profile="cifar10-fast", overrides=["train.ema_decay=0.99"],
     )  # fmt: skip
 
+
+def test_an_alternating_flip_without_flips(store_root):
     config_fails(
         store_root,
         "invalid configuration:\n  augment.flip: Value error, alternate needs a policy that flips, not crop: set "
