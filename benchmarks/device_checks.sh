@@ -5,9 +5,8 @@
 #   bash benchmarks/device_checks.sh run           # there, e.g. device run, carry [".whl", ".data"], timeout 600
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
-# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: knobs.md/.json (the
-# alternating flip on cifar10-fast), long.md/.json (the same on cifar10-long) and airbench.md/.json (airbench94 on
-# the same images). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
+# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: parity, best, long,
+# long-best and airbench (.md, .json); see run() for what each measures. Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
 # sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
@@ -71,18 +70,29 @@ run() {
     # call); every report is written as it goes, so a section cut short keeps what it measured.
     local budget=${BUDGET_S:-560} started=$SECONDS
     setup pydantic,yaml,airbench,kiln.training
-    # The current plan: airbench's alternating flip (augment.flip=alternate), 3 seeds each on cifar10-fast and 2 on
-    # cifar10-long at 44 epochs (compiled after a compiling warm-up: about the 23 s budget), airbench94 alongside.
-    # Earlier plans and what they found: benchmarks/RESULTS.md (the second session's ran at commit 4a1ce16).
-    local knobs=(--sweep-seeds 3 --sweep "augment.flip=random,alternate")
-    local long=(--profile cifar10-long --sweep-seeds 2 --set train.compile=on
-                --sweep "augment.flip=random,alternate;train.epochs=44")
-    local airbench=(--runs 3 --airbench-trainers train94)
+    # The current plan (written for the third GPU session; earlier plans and what they found: benchmarks/RESULTS.md).
+    # fit now lets cuDNN time its convolution algorithms (airbench does; kiln's earlier figures ran without it).
+    # parity: what airbench94 still does differently, on cifar10-fast at 10 epochs, all 32 combinations once (seed 0):
+    #   its weight decay (2.7x kiln's, on the norm shifts too), the whitening bias at the base lr for 3 epochs, the
+    #   alternating flip, and fp16 (airbench trains in fp16; kiln's autocast default is bf16). best: each setting's
+    #   better value (--best-of: main effects, 16 runs against 16), seeds 1-3 at 10 and 12 epochs (uncompiled, as
+    #   compile=auto runs them).
+    # long: cifar10-long with those and airbench96's 4-pixel translation against kiln's 2 (seed 0); then
+    #   long-best: the better one, seeds 1-2. airbench: airbench94 alongside.
+    local parity=(--epochs 10 --sweep "train.weight_decay=5e-4,1.33e-3;train.decay_biases=false,true;train.whiten_bias_epochs=null,3;augment.flip=random,alternate;train.precision=bf16,fp16")
+    local best=(--best-of "$OUT/parity.json" --epochs 10,12 --runs 3 --first-seed 1)
+    local long=(--profile cifar10-long --best-of "$OUT/parity.json" --epochs 40 --sweep "augment.crop_padding=2,4")
+    local long_best=(--profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json" --epochs 40
+                     --runs 2 --first-seed 1)
+    local airbench=(--skip-recipe --runs 3 --airbench-trainers train94)
     if [ -n "${SMOKE:-}" ]; then
-        local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0 --epochs 1)
-        knobs=("${tiny[@]}" --sweep "augment.flip=alternate")
-        long=("${tiny[@]}" --profile cifar10-long --sweep "augment.flip=alternate;train.epochs=1")
-        airbench=(--runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
+        local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0)
+        parity=("${tiny[@]}" --epochs 1 --sweep "train.decay_biases=false,true;train.whiten_bias_epochs=null,0;train.precision=fp32,fp16")
+        best=("${tiny[@]}" --best-of "$OUT/parity.json" --epochs 1 --runs 1)
+        long=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --epochs 1 --sweep "augment.crop_padding=2,4")
+        long_best=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json"
+                   --epochs 1 --runs 1)
+        airbench=(--skip-recipe --runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
     fi
     section() {  # section NAME SHARE_OF_WHAT_IS_LEFT(%) COMMAND...: runs COMMAND under that time limit, tee'd to $OUT
         local name=$1 share=$2; shift 2
@@ -92,9 +102,11 @@ run() {
         if [ "$limit" -lt 20 ]; then echo "== $name: skipped, too little time left" | tee "$OUT/$name.md"; return 0; fi
         timeout -k 10 "$limit" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.md" || echo "== $name: stopped (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$name.md"
     }
-    local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed --skip-recipe --epochs 10)
-    section knobs 40 "${speed[@]}" "${knobs[@]}" --json-out "$OUT/knobs.json"
-    section long 70 "${speed[@]}" "${long[@]}" --json-out "$OUT/long.json"
+    local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
+    section parity 45 "${speed[@]}" --skip-recipe "${parity[@]}" --json-out "$OUT/parity.json"
+    section best 30 "${speed[@]}" "${best[@]}" --json-out "$OUT/best.json"
+    section long 40 "${speed[@]}" --skip-recipe "${long[@]}" --json-out "$OUT/long.json"
+    section long-best 60 "${speed[@]}" "${long_best[@]}" --json-out "$OUT/long-best.json"
     section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
 }
 

@@ -46,7 +46,9 @@ from kiln.config import DataConfig, load_config  # noqa: E402
 from kiln.dataset import ImageDataset, channel_statistics  # noqa: E402
 from kiln.models import ModelSpec, build_model  # noqa: E402
 from kiln.runtime.preprocess import Preprocessing  # noqa: E402
-from kiln.training import AugmentedImages, Runtime, fit, make_optimizer, predict_probabilities, resolve_runtime  # noqa: E402
+from kiln.training import (  # noqa: E402
+    AugmentedImages, Runtime, cudnn_autotuned, fit, make_optimizer, predict_probabilities, resolve_runtime,
+)
 
 
 def main(argv: list[str]) -> None:
@@ -57,7 +59,10 @@ def main(argv: list[str]) -> None:
     print(f"# command: python benchmarks/train_speed.py {' '.join(argv)}")
     print(f"# data: {dataset.name}, {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
           f"{dataset.image_shape}")  # fmt: skip
-    results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv}
+    for report in args.best_of:  # in order: a later report's settings override an earlier one's
+        args.overrides += best_settings(Path(report))
+    results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv,
+                     "overrides": args.overrides}  # fmt: skip
 
     def save() -> None:  # after every section: a run stopped at its time limit keeps what it measured
         if args.json_out:
@@ -69,8 +74,7 @@ def main(argv: list[str]) -> None:
     if args.sweep:
         warm_up(dataset, load_config(args.profile, overrides=args.overrides), args)
     for grid in args.sweep:
-        results.setdefault("sweep", []).extend(sweep_benchmark(dataset, args, grid))
-        save()
+        sweep_benchmark(dataset, args, grid, results.setdefault("sweep", []), save)
     if not args.skip_recipe:
         for epochs in args.epochs or [None]:
             results.setdefault("recipe", []).append(recipe_benchmark(dataset, args, epochs))
@@ -94,6 +98,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=_int_list, help="override the profile's train.epochs; a comma-separated "
                         "list (10,30) runs the recipe at each length, shortest first")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="the recipe's runs use seeds first..first+runs-1: "
+                        "seeds a --best-of sweep did not choose on, for a fair measure of its winner")  # fmt: skip
     parser.add_argument("--warmup-epochs", type=int, default=1,
                         help="length of the unreported warm-up run before the recipe's runs; 0: the full recipe")
     parser.add_argument("--max-train", type=int)
@@ -104,10 +110,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "per combination at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' "
                         "(repeatable)")  # fmt: skip
     parser.add_argument("--sweep-seeds", type=_positive_int, default=1, help="seeds 0..N-1 for each combination")
+    parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
+                        "key it varied, the value with the highest mean accuracy with TTA is added to --set "
+                        "(repeatable)")  # fmt: skip
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
     return parser.parse_args(argv)
+
+
+def best_settings(report: Path) -> list[str]:
+    """For each key a --json-out report's sweep varied, its value with the highest mean TTA accuracy over every run
+    that had it (the main effect: over a full grid each value is averaged over all the other keys' values, so one
+    seed per combination measures each key with half the runs)."""
+    rows = json.loads(report.read_text()).get("sweep", [])
+    if not rows:
+        raise SystemExit(f"--best-of {report}: the report has no sweep rows to choose from")
+    by_value: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        for setting in row["settings"]:
+            key, _, value = setting.partition("=")
+            by_value.setdefault(key, {}).setdefault(value, []).append(row["accuracy_tta"])
+    chosen = []
+    for key, values in by_value.items():
+        means = {value: statistics.mean(scores) for value, scores in values.items()}
+        best = max(means, key=means.get)
+        chosen.append(f"{key}={best}")
+        summary = ", ".join(f"{value} {mean:.4f} ({len(values[value])} runs)" for value, mean in means.items())
+        print(f"# best of {report}: {key}={best}; mean accuracy with TTA by value: {summary}")
+    return chosen
 
 
 def _grid(text: str) -> list[tuple[str, list[str]]]:
@@ -182,6 +213,11 @@ def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Names
 
 
 def bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, steps: int) -> float:
+    with cudnn_autotuned(runtime.device):  # as fit runs: the same convolution algorithms on both sides
+        return _bare_loop_images_per_s(dataset, runtime, config, steps)
+
+
+def _bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes))).to(runtime.device)
     channels_last = runtime.device.type == "cuda"
@@ -226,7 +262,7 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
     warm_up(dataset, config, args)
     rows = []
-    for seed in range(args.runs):
+    for seed in range(args.first_seed, args.first_seed + args.runs):
         row = train_once(dataset, config, seed)
         rows.append(row)
         print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
@@ -243,24 +279,25 @@ def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
         train_once(dataset, config, seed=0, epochs=min(args.warmup_epochs, config.train.epochs), evaluate=False)
 
 
-def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[tuple[str, list[str]]]) -> list[dict]:
+def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[tuple[str, list[str]]],
+                    rows: list[dict], save: Callable[[], None]) -> None:
     """Runs of the profile with seeds 0..--sweep-seeds-1 for every combination of a grid's values (see `_grid`),
-    seeds innermost, so that a sweep cut short has compared whole combinations."""
+    seeds innermost, so that a sweep cut short has compared whole combinations. Each run is appended to `rows` and
+    saved as it ends."""
     grid = ";".join(f"{key}={','.join(values)}" for key, values in axes)
     base = list(args.overrides) + ([f"train.epochs={args.epochs[0]}"] if args.epochs else [])
     seeds = range(args.sweep_seeds)
     print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seeds 0-{seeds[-1]})")
     print("| settings | seed | training s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
-    rows = []
     for values in itertools.product(*(values for _, values in axes)):
         settings = [f"{key}={value}" for (key, _), value in zip(axes, values)]
         config = load_config(args.profile, overrides=base + settings)
         for seed in seeds:
             row = {"settings": settings, **train_once(dataset, config, seed=seed)}
             rows.append(row)
+            save()
             print(f"| {' '.join(settings)} | {seed} | {row['train_seconds']:.2f} | {row['accuracy']:.4f} "
                   f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
-    return rows
 
 
 def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = None, evaluate: bool = True) -> dict:

@@ -20,7 +20,7 @@ from kiln.errors import ConfigError
 PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "cifar10-long", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
-IDENTITY_INIT_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init()
+FASTNET_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init() and a whitening layer
 
 
 class Section(BaseModel):
@@ -180,8 +180,17 @@ class TrainConfig(Section):
         "(kiln/models/fastnet.py)",
     )
     bias_lr_scale: float = Field(
-        1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed); "
-        "fast CIFAR recipes with BatchNorm scales frozen train the shifts much faster than the weights",
+        1.0, gt=0, le=1000, description="learning-rate multiplier for norm and bias parameters (not weight-decayed "
+        "unless decay_biases); fast CIFAR recipes with BatchNorm scales frozen train the shifts much faster than the "
+        "weights",
+    )
+    decay_biases: bool = Field(
+        False, description="also weight-decay norm and bias parameters, by the same amount per step as the weights: "
+        "their coefficient is weight_decay / bias_lr_scale, since their lr is bias_lr_scale times larger (airbench)",
+    )
+    whiten_bias_epochs: int | None = Field(
+        None, ge=0, description="fastnet families: the whitening layer's bias trains at the base lr (not times "
+        "bias_lr_scale) for this many epochs, then stays fixed (airbench: 3); None: it trains like the other biases",
     )
     checkpoint_interval_s: float = Field(
         0.0, ge=0, description="seconds between checkpoints (one is always written after the last epoch); 0: after "
@@ -204,10 +213,19 @@ class TrainConfig(Section):
     @classmethod
     def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
         model = info.data.get("model")
-        if value and model is not None and model not in IDENTITY_INIT_MODELS:  # None: model itself was invalid
-            families = " and ".join(IDENTITY_INIT_MODELS)
+        if value and model is not None and model not in FASTNET_MODELS:  # None: model itself was invalid
+            families = " and ".join(FASTNET_MODELS)
             raise ValueError(f"applies to the {families} models, not {model} (the cifar10-fast and cifar10-long "
                              "profiles turn it on): add --set train.identity_init=false")  # fmt: skip
+        return value
+
+    @field_validator("whiten_bias_epochs")
+    @classmethod
+    def _whitening_needs_fastnet(cls, value: int | None, info: ValidationInfo) -> int | None:
+        model = info.data.get("model")
+        if value is not None and model is not None and model not in FASTNET_MODELS:
+            raise ValueError(f"applies to the whitening layer of the {' and '.join(FASTNET_MODELS)} models, not "
+                             f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
         return value
 
     @field_validator("lookahead_steps")

@@ -39,7 +39,8 @@ class _Crop:
 @dataclass(frozen=True)
 class _Cutout:
     size: int
-    fill: tuple[int, ...]
+    fill: torch.Tensor  # uint8 [1, C, 1, 1] on the device: made once, as a copy from the host per batch would wait
+    # for the GPU to finish its queued work
 
 
 class DeviceBatches:
@@ -65,7 +66,7 @@ class DeviceBatches:
         self.rank, self.world_size = shard
         self.count = len(labels)
         self.drop_last = self.count > batch_size  # as the DataLoader path: full batches only, unless one is all
-        self.crop, self.flip_probability, self.cutout = _parse_policy(policy)
+        self.crop, self.flip_probability, self.cutout = _parse_policy(policy, device)
         self.odd_epoch_flips = None
         if self.flip_probability > 0 and alternating_flip(policy):
             draws = torch.rand(self.count, generator=torch.Generator().manual_seed(seed))
@@ -142,7 +143,7 @@ def unsupported_ops(policy: dict[str, Any]) -> list[str]:
     return [op["op"] for op in policy.get("ops", []) if op["op"] not in DEVICE_OPS]
 
 
-def _parse_policy(policy: dict[str, Any]) -> tuple[_Crop | None, float, _Cutout | None]:
+def _parse_policy(policy: dict[str, Any], device: torch.device) -> tuple[_Crop | None, float, _Cutout | None]:
     unknown = unsupported_ops(policy)
     if unknown:
         raise ConfigError(
@@ -156,7 +157,8 @@ def _parse_policy(policy: dict[str, Any]) -> tuple[_Crop | None, float, _Cutout 
         elif op["op"] == "RandomHorizontalFlip":
             flip = float(op.get("p", 0.5))
         elif op["op"] == "Cutout":
-            cutout = _Cutout(int(op["size"]), tuple(int(value) for value in op["fill"]))
+            fill = torch.tensor([int(value) for value in op["fill"]], dtype=torch.uint8, device=device)
+            cutout = _Cutout(int(op["size"]), fill.view(1, -1, 1, 1))
     return crop, flip, cutout
 
 
@@ -199,5 +201,4 @@ def _cut_out(images: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, cutout: _
     inside_rows = (rows >= (cy.view(-1, 1) - low)) & (rows < (cy.view(-1, 1) - low + cutout.size))
     inside_columns = (columns >= (cx.view(-1, 1) - low)) & (columns < (cx.view(-1, 1) - low + cutout.size))
     mask = (inside_rows.view(-1, 1, height, 1) & inside_columns.view(-1, 1, 1, width))
-    fill = torch.tensor(cutout.fill, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return torch.where(mask, fill, images)
+    return torch.where(mask, cutout.fill, images)

@@ -9,11 +9,12 @@ torch.compile for long runs; each of these degrades to its CPU equivalent withou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -115,36 +116,69 @@ class DeviceNormalizer(nn.Module):
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; `fused` (CUDA) runs each step as one kernel over all parameters."""
-    # Norm and bias parameters are not decayed: decaying them only fights the normalization. Frozen parameters
-    # (e.g. a whitening layer set from the data) are left out.
+    """SGD (Nesterov) or AdamW; `fused` (CUDA) runs each step as one kernel over all parameters.
+
+    Parameter groups: the weights (decayed); norm shifts and biases at bias_lr_scale times the lr (decayed only with
+    decay_biases); with whiten_bias_epochs, a fastnet's whitening bias on its own (group name WHITENING_BIAS_GROUP),
+    at the base lr, which make_scheduler stops after those epochs. Frozen parameters (FastNet's whitening filters,
+    set from the data) are left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    whitening_bias = _scheduled_whitening_bias(model, config)
     decay = [p for p in trainable if p.ndim > 1]
-    no_decay = [p for p in trainable if p.ndim <= 1]
+    biases = [p for p in trainable if p.ndim <= 1 and p is not whitening_bias]
+    # Without decay_biases: decaying norm shifts only fights the normalization. With it, airbench's choice: the same
+    # shrinkage per step for every parameter (lr x coefficient), whatever its lr.
+    bias_decay = config.weight_decay / config.bias_lr_scale if config.decay_biases else 0.0
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr * config.bias_lr_scale},
+        {"params": biases, "weight_decay": bias_decay, "lr": config.lr * config.bias_lr_scale},
     ]
+    if whitening_bias is not None:
+        groups.append({"params": [whitening_bias], "name": WHITENING_BIAS_GROUP, "lr": config.lr,
+                       "weight_decay": config.weight_decay if config.decay_biases else 0.0})  # fmt: skip
     options = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, **options)
     return torch.optim.AdamW(groups, lr=config.lr, **options)
 
 
+WHITENING_BIAS_GROUP = "whitening_bias"
+
+
+def _scheduled_whitening_bias(model: nn.Module, config: TrainConfig) -> nn.Parameter | None:
+    if config.whiten_bias_epochs is None or not hasattr(model, "whitening_bias"):  # (a distillation student may
+        return None  # lack it)
+    bias = model.whitening_bias()
+    return bias if bias.requires_grad else None
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     """Per-step learning-rate factors. `onecycle` is a linear warm-up from `initial_lr_fraction` of lr to lr over
     `warmup_fraction` of the steps, then a linear decay to `final_lr_fraction` of lr; written out rather than torch's
     OneCycleLR, which divides by zero when the warm-up rounds to a single step (a few batches of a small dataset) and
-    also cycles the momentum."""
+    also cycles the momentum. The whitening bias's group (make_optimizer) follows the same factors for
+    whiten_bias_epochs, then 0: a zero lr leaves a parameter exactly where it is, and, unlike switching off its
+    gradient, does not make torch.compile trace the model again."""
     if config.schedule == "onecycle":
         warmup = max(1, round(config.warmup_fraction * total_steps))
         ends = (config.initial_lr_fraction, config.final_lr_fraction)
         factors = partial(_warmup_then_linear, warmup, total_steps, *ends)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-    warmup = max(1, total_steps // 20)
-    if config.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_warmup_then_cosine, warmup, total_steps))
+    elif config.schedule == "constant":
+        factors = _constant
+    else:
+        factors = partial(_warmup_then_cosine, max(1, total_steps // 20), total_steps)
+    per_group = []
+    for group in optimizer.param_groups:
+        if group.get("name") == WHITENING_BIAS_GROUP:
+            stop = config.whiten_bias_epochs * (total_steps // config.epochs)
+            per_group.append(partial(_until, stop, factors))
+        else:
+            per_group.append(factors)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, per_group)
+
+
+def _until(stop: int, factors: Callable[[int], float], step: int) -> float:
+    return factors(step) if step < stop else 0.0
 
 
 def _constant(step: int) -> float:
@@ -252,7 +286,42 @@ def fit(
     With train.ema_decay set, `model` ends holding the averaged weights. Returns the per-epoch history (train
     loss/accuracy, validation accuracy, lr, throughput, data path). `initialise=False` skips a fresh model's
     data-dependent set-up (`prepare`): for continuing to train a trained model, e.g. fine-tuning after pruning.
+
+    On CUDA, cuDNN times its convolution algorithms on the first batch and keeps the fastest (every training batch
+    has the same shape: full batches only); the setting is restored afterwards.
     """
+    with cudnn_autotuned(runtime.device):
+        return _fit(model, train_set, validation_set, prep, config, runtime, checkpoint_path, on_epoch, distributed,
+                    objective, initialise)
+
+
+@contextlib.contextmanager
+def cudnn_autotuned(device: torch.device) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark on, for CUDA work whose input shapes repeat; the previous value after."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def _fit(
+    model: nn.Module,
+    train_set: AugmentedImages,
+    validation_set: tuple[np.ndarray, np.ndarray] | None,
+    prep: Preprocessing,
+    config: TrainConfig,
+    runtime: Runtime,
+    checkpoint_path: Path,
+    on_epoch: EpochCallback | None = None,
+    distributed: Distributed | None = None,
+    objective: Objective | None = None,
+    initialise: bool = True,
+) -> list[dict[str, Any]]:
     torch.manual_seed(config.seed)
     model.to(runtime.device)
     channels_last = runtime.device.type == "cuda"

@@ -192,6 +192,11 @@ class FastNet(nn.Module):
         filters = eigenvectors.T / torch.sqrt(eigenvalues + self.whitening_eps).unsqueeze(1)
         self._set_whitening(filters, mean)
 
+    def whitening_bias(self) -> nn.Parameter:
+        """The whitening layer's bias: it moves where the first GELU bends, and train.whiten_bias_epochs gives it a
+        schedule of its own."""
+        return self.whiten.bias
+
     @torch.no_grad()
     def identity_init(self) -> None:
         """Re-initialise each 3x3 convolution so that its first output channels pass its input channels through

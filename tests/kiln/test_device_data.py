@@ -107,17 +107,20 @@ def test_the_policy_from_the_augment_stage_runs_on_both_paths_with_the_same_ops(
         DeviceBatches(images, np.arange(10), {"ops": [{"op": "Solarize"}]}, prep_for(images), CPU, 5)
 
 
-def _train(tmp_path: Path, name: str, flip: str = "random", **settings) -> tuple[list[dict], torch.nn.Module]:
+def _train(tmp_path: Path, name: str, flip: str = "random", watch=None,
+           **settings) -> tuple[list[dict], torch.nn.Module]:  # fmt: skip
+    """fit on small blobs; `watch(model)` after every epoch."""
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
     images, labels = data.train_images, data.train_labels
     augment = AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2, flip=flip)
     spec = resolve_policy(augment, images.shape[1:])
-    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, **settings)
+    config = TrainConfig(**{"model": "simple_cnn", "epochs": 4, "batch_size": 16, "lr": 3e-3, **settings})
     runtime = resolve_runtime(config.device, config.precision)
     torch.manual_seed(config.seed)
-    model = build_model(ModelSpec("simple_cnn", images.shape[1:], 3))
+    model = build_model(ModelSpec(config.model, images.shape[1:], 3))
+    on_epoch = None if watch is None else (lambda row: watch(model))
     history = fit(model, AugmentedImages(images, labels, build_transform(spec), spec), None, prep_for(images),
-                  config, runtime, tmp_path / f"{name}.pt")  # fmt: skip
+                  config, runtime, tmp_path / f"{name}.pt", on_epoch)  # fmt: skip
     return history, model
 
 
@@ -131,8 +134,13 @@ def test_training_on_the_device_path_lowers_the_loss_and_repeats_exactly_from_it
     assert [row["train_loss"] for row in other_seed] != [row["train_loss"] for row in history]
 
 
-@pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate")],
-                         ids=["plain", "lookahead-alternating-flip"])  # fmt: skip
+WHITENING_SCHEDULE = {"model": "fastnet", "optimizer": "sgd", "lr": 0.05, "momentum": 0.85, "bias_lr_scale": 8,
+                      "decay_biases": True, "whiten_bias_epochs": 3}  # the bias stops after the resume
+
+
+@pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate"),
+                                            (WHITENING_SCHEDULE, "random")],
+                         ids=["plain", "lookahead-alternating-flip", "fastnet-whitening-schedule"])  # fmt: skip
 def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
     straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
 
@@ -146,13 +154,14 @@ def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, sett
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
     augment = AugmentConfig(policy="crop_flip", crop_padding=1, cutout=2, flip=flip)
     spec = resolve_policy(augment, data.train_images.shape[1:])
-    config = TrainConfig(model="simple_cnn", epochs=4, batch_size=16, lr=3e-3, data_path="device", **settings)
+    config = TrainConfig(**{"model": "simple_cnn", "lr": 3e-3, **settings, "epochs": 4, "batch_size": 16,
+                            "data_path": "device"})  # fmt: skip
     train_set = AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec)
     runtime = resolve_runtime("cpu", "fp32")
     checkpoint = tmp_path / "interrupted.pt"
     for on_epoch in (stop_after_two, None):
         torch.manual_seed(0)
-        model = build_model(ModelSpec("simple_cnn", data.train_images.shape[1:], 3))
+        model = build_model(ModelSpec(config.model, data.train_images.shape[1:], 3))
         try:
             resumed = fit(model, train_set, None, prep_for(data.train_images), config, runtime, checkpoint, on_epoch)
         except Interrupt:
@@ -160,6 +169,18 @@ def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, sett
     assert [row["train_loss"] for row in resumed] == [row["train_loss"] for row in straight]
     for name, tensor in straight_model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_the_whitening_bias_trains_for_its_epochs_then_stays_where_it_is(tmp_path):
+    snapshots = []
+    _, model = _train(tmp_path, "whitening", data_path="device", **WHITENING_SCHEDULE,
+                      watch=lambda model: snapshots.append(model.whiten.bias.detach().clone()))  # fmt: skip
+    _, untrained = _train(tmp_path, "never", data_path="device", **{**WHITENING_SCHEDULE, "whiten_bias_epochs": 0})
+    prepared = untrained.whiten.bias  # the same data-derived start, never moved
+    assert not torch.equal(snapshots[0], prepared)
+    assert not torch.equal(snapshots[1], snapshots[0]) and not torch.equal(snapshots[2], snapshots[1])
+    assert torch.equal(snapshots[3], snapshots[2])  # epochs 1-3 train it, epoch 4 does not
+    assert torch.equal(model.whiten.bias, snapshots[3])
 
 
 def test_weight_averaging_leaves_the_averaged_weights_in_the_model(tmp_path):

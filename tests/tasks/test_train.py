@@ -149,6 +149,72 @@ def test_norm_and_bias_parameters_train_at_bias_lr_scale_without_decay_through_t
     assert ratio == pytest.approx(64)  # one schedule scales both groups
 
 
+def test_decay_biases_shrinks_norm_shifts_by_the_same_amount_per_step_as_the_weights():
+    """airbench's weight decay: every parameter loses the same fraction per step, whatever its learning rate."""
+    from kiln.training import make_optimizer
+
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 4))
+    config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.5, weight_decay=0.01, bias_lr_scale=64, momentum=0,
+                         decay_biases=True)  # fmt: skip
+    weights, shifts = make_optimizer(model, config).param_groups
+    assert shifts["weight_decay"] == pytest.approx(0.01 / 64)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(1.0)
+            parameter.grad = None if not parameter.requires_grad else torch.zeros_like(parameter)
+    make_optimizer(model, config).step()  # zero gradients: only the decay moves anything
+    for group in (weights, shifts):
+        for parameter in group["params"]:
+            assert torch.allclose(parameter, torch.full_like(parameter, 1 - 0.5 * 0.01)), group["lr"]
+    assert torch.equal(model.whiten.weight, torch.ones_like(model.whiten.weight))  # frozen: not decayed either
+
+
+def test_the_whitening_bias_gets_its_own_group_at_the_base_lr_that_stops_after_its_epochs():
+    from kiln.training import WHITENING_BIAS_GROUP, make_optimizer, make_scheduler
+
+    config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.5, bias_lr_scale=64, epochs=4, whiten_bias_epochs=1,
+                         schedule="constant")  # fmt: skip
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 4))
+    optimizer = make_optimizer(model, config)
+    weights, shifts, whitening = optimizer.param_groups
+    assert whitening["name"] == WHITENING_BIAS_GROUP and whitening["params"] == [model.whiten.bias]
+    assert (whitening["lr"], whitening["weight_decay"]) == (0.5, 0.0)
+    assert not any(p is model.whiten.bias for p in shifts["params"])
+    scheduler = make_scheduler(optimizer, config, total_steps=12)  # 3 steps an epoch
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert [rate[2] for rate in rates] == [0.5] * 3 + [0.0] * 9
+    assert [rate[1] for rate in rates] == [32.0] * 12  # the other groups keep their schedule
+    plain = make_optimizer(model, config.model_copy(update={"whiten_bias_epochs": None}))
+    assert len(plain.param_groups) == 2 and any(p is model.whiten.bias for p in plain.param_groups[1]["params"])
+
+
+def test_whiten_bias_epochs_is_refused_for_models_without_a_whitening_layer():
+    from kiln.config import load_config
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="whiten_bias_epochs.*whitening layer of the fastnet"):
+        load_config(overrides=["train.model=resnet9", "train.whiten_bias_epochs=3"])
+
+
+def test_cudnn_autotuning_is_on_inside_fit_on_cuda_only_and_restored_after():
+    from kiln.training import cudnn_autotuned
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_autotuned(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark == before
+    torch.backends.cudnn.benchmark = False
+    try:
+        with cudnn_autotuned(torch.device("cuda")):  # only sets a flag: runs without a GPU
+            assert torch.backends.cudnn.benchmark
+        assert not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_the_onecycle_schedule_starts_and_ends_at_the_fractions_asked_for():
     from kiln.training import make_scheduler
 
