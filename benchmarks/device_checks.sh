@@ -5,8 +5,9 @@
 #   bash benchmarks/device_checks.sh run           # there, e.g. device run, carry [".whl", ".data"], timeout 600
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
-# `run` writes its reports under $OUT (or ./device-out), each with a .log of its stderr: parity, best, long,
-# long-best and airbench (.md, .json); see run() for what each measures. Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
+# `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
+# section's .md, .json and .log of its stderr: parity, best, long, long-best, airbench; see run() for what each
+# measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
 # sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
@@ -108,6 +109,12 @@ run() {
     section long 40 "${speed[@]}" --skip-recipe "${long[@]}" --json-out "$OUT/long.json"
     section long-best 60 "${speed[@]}" "${long_best[@]}" --json-out "$OUT/long-best.json"
     section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
+    # The device tool returns the end of the output and a few files: the summary last, everything else in one archive.
+    "$PYTHON" benchmarks/device_summary.py "$OUT" >"$OUT/summary.txt" 2>&1 || true
+    tar czf /tmp/device-reports.tar.gz -C "$OUT" --exclude=summary.txt .
+    find "$OUT" -mindepth 1 ! -name summary.txt -delete
+    mv /tmp/device-reports.tar.gz "$OUT/reports.tar.gz"
+    cat "$OUT/summary.txt"
 }
 
 case "${1:-}" in

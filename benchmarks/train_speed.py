@@ -322,12 +322,43 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
         row["accuracy"] = accuracy(model, dataset, prep, runtime, "none")
         tta = config.evaluate.tta
         row["accuracy_tta"] = accuracy(model, dataset, prep, runtime, tta) if tta != "none" else row["accuracy"]
+        if tta == "flip_translate":
+            row["tta_variants"] = tta_variants(model, dataset, prep, runtime)
     return row
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:
     probabilities = predict_probabilities(model, dataset.test_images, prep, runtime, 2000, tta=tta)
     return float((probabilities.argmax(axis=1) == dataset.test_labels).mean())
+
+
+def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime) -> dict[str, float]:
+    """Accuracy of other ways to combine the six flip+translate views, from the same trained model: evaluate.tta's
+    mean of probabilities (`probabilities_equal`, which must match accuracy_tta), a mean of logits, and each with
+    airbench's weights (the two unshifted views 1/4 each, the four shifted ones 1/8). Log-probabilities stand in for
+    logits: per view they differ by a constant across classes, so a weighted sum has the same argmax."""
+    images = dataset.test_images
+    height, width = images.shape[1:3]
+    padded = {flipped: np.pad(images[:, :, ::-1] if flipped else images, ((0, 0), (1, 1), (1, 1), (0, 0)),
+                              mode="reflect") for flipped in (False, True)}  # fmt: skip
+    views = []  # (weight, probabilities); unshifted first, as evaluate's flip_translate orders them
+    for flipped in (False, True):
+        views.append((0.25, padded[flipped][:, 1 : height + 1, 1 : width + 1]))
+    for flipped in (False, True):
+        views += [(0.125, padded[flipped][:, :height, :width]), (0.125, padded[flipped][:, 2:, 2:])]
+    scored = [(weight, predict_probabilities(model, np.ascontiguousarray(view), prep, runtime, 2000))
+              for weight, view in views]  # fmt: skip
+
+    def hit_rate(combined: np.ndarray) -> float:
+        return float((combined.argmax(axis=1) == dataset.test_labels).mean())
+
+    logs = [(weight, np.log(np.clip(probabilities, 1e-30, None))) for weight, probabilities in scored]
+    return {
+        "probabilities_equal": hit_rate(sum(probabilities for _, probabilities in scored)),
+        "probabilities_weighted": hit_rate(sum(weight * probabilities for weight, probabilities in scored)),
+        "logits_equal": hit_rate(sum(log for _, log in logs)),
+        "logits_weighted": hit_rate(sum(weight * log for weight, log in logs)),
+    }
 
 
 def summarize(rows: list[dict]) -> dict[str, str]:

@@ -1,0 +1,90 @@
+"""A compact summary of the JSON reports `benchmarks/train_speed.py --json-out` wrote into one folder.
+
+    python benchmarks/device_summary.py device-out
+
+`benchmarks/device_checks.sh run` prints it last, so the figures survive in a short tail of the call's output: the
+device tool returns only the end of a command's output and a few of its files. TTA combinations (train_speed.py's
+tta_variants): probs = evaluate.tta's flip_translate (mean of the six views' probabilities), logits = mean of
+logits, "wtd" = airbench's weights (unshifted views 1/4 each, shifted 1/8).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+VARIANTS = ("probabilities_equal", "probabilities_weighted", "logits_equal", "logits_weighted")
+SHORT = {"probabilities_equal": "probs", "probabilities_weighted": "probs wtd", "logits_equal": "logits",
+         "logits_weighted": "logits wtd"}  # fmt: skip
+
+
+def main(folder: Path) -> None:
+    reports = sorted(folder.glob("*.json"), key=lambda path: path.stat().st_mtime)  # in the order they were written
+    if not reports:
+        raise SystemExit(f"no .json reports in {folder}")
+    first = json.loads(reports[0].read_text())
+    print(f"# summary of {len(reports)} report(s): {first.get('device')}, {first.get('date')}")
+    for path in reports:
+        report = json.loads(path.read_text())
+        print(f"\n## {path.stem}: --set {' '.join(report.get('overrides', [])) or '(none)'}")
+        if report.get("sweep"):
+            print_sweep(report["sweep"])
+        for recipe in report.get("recipe", []):
+            print_recipe(recipe)
+        for trainer, runs in report.get("airbench", {}).items():
+            scores = [accuracy for accuracy, _ in runs if accuracy is not None]
+            seconds = [time for _, time in runs if time is not None]
+            print(f"{trainer}: TTA {mean_sd(scores)} in {mean_sd(seconds, 2)} s ({len(runs)} runs: "
+                  f"{', '.join(f'{accuracy}' for accuracy in scores)})")  # fmt: skip
+
+
+def print_sweep(rows: list[dict]) -> None:
+    by_value: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        for setting in row["settings"]:
+            key, _, value = setting.partition("=")
+            by_value.setdefault(key, {}).setdefault(value, []).append(row["accuracy_tta"])
+    print(f"{len(rows)} runs; mean TTA accuracy by value (main effects):")
+    for key, values in by_value.items():
+        print(f"- {key}: " + ", ".join(f"{value} {statistics.mean(scores):.4f} (n={len(scores)})"
+                                         for value, scores in values.items()))  # fmt: skip
+    print("| settings | seed | train s | acc | TTA | " + " | ".join(SHORT[name] for name in VARIANTS) + " |")
+    for row in rows:
+        variants = row.get("tta_variants", {})
+        settings = " ".join(setting.partition(".")[2] for setting in row["settings"])  # without train./augment.
+        print(f"| {settings} | {row['seed']} | {row['train_seconds']:.2f} | {row['accuracy']:.4f} | "
+              f"{row['accuracy_tta']:.4f} | " + " | ".join(f"{variants.get(name, float('nan')):.4f}"
+                                                        for name in VARIANTS) + " |")  # fmt: skip
+    print_variant_means(rows)
+
+
+def print_recipe(recipe: dict) -> None:
+    runs = recipe["runs"]
+    summary = recipe["summary"]
+    each = ", ".join(f"{run['accuracy_tta']:.4f}" for run in runs)
+    print(f"{recipe['profile']}, {recipe['epochs']} epochs, seeds {[run['seed'] for run in runs]}: training "
+          f"{summary['train_seconds']} s, fit wall {summary['fit_wall_seconds']} s, accuracy {summary['accuracy']}, "
+          f"TTA {summary['accuracy_tta']} ({each})")  # fmt: skip
+    print_variant_means(runs)
+
+
+def print_variant_means(rows: list[dict]) -> None:
+    scored = [row["tta_variants"] for row in rows if row.get("tta_variants")]
+    if scored:
+        print("TTA combinations, mean: " + ", ".join(f"{SHORT[name]} {statistics.mean(v[name] for v in scored):.4f}"
+                                                     for name in VARIANTS))  # fmt: skip
+
+
+def mean_sd(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "n/a"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(Path(sys.argv[1]))
