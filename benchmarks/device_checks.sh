@@ -78,11 +78,12 @@ run() {
     #   alternating flip, and fp16 (airbench trains in fp16; kiln's autocast default is bf16). best: each setting's
     #   better value (--best-of: main effects, 16 runs against 16), seeds 1-3 at 10 and 12 epochs (uncompiled, as
     #   compile=auto runs them).
-    # long: cifar10-long with those and airbench96's 4-pixel translation against kiln's 2 (seed 0); then
-    #   long-best: the better one, seeds 1-2. airbench: airbench94 alongside.
+    # long: cifar10-long with those, and airbench96's 4-pixel translation and lr (9.0 per 1024 in its terms, 1.17 in
+    #   kiln's) against kiln's 2 and 1.5, seed 0; then long-best: the better values, seeds 1-2. airbench: airbench94.
     local parity=(--epochs 10 --sweep "train.weight_decay=5e-4,1.33e-3;train.decay_biases=false,true;train.whiten_bias_epochs=null,3;augment.flip=random,alternate;train.precision=bf16,fp16")
     local best=(--best-of "$OUT/parity.json" --epochs 10,12 --runs 3 --first-seed 1)
-    local long=(--profile cifar10-long --best-of "$OUT/parity.json" --epochs 40 --sweep "augment.crop_padding=2,4")
+    local long=(--profile cifar10-long --best-of "$OUT/parity.json" --epochs 40
+                --sweep "augment.crop_padding=2,4;train.lr=1.5,1.17")
     local long_best=(--profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json" --epochs 40
                      --runs 2 --first-seed 1)
     local airbench=(--skip-recipe --runs 3 --airbench-trainers train94)
