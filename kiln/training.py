@@ -290,38 +290,6 @@ def fit(
     On CUDA, cuDNN times its convolution algorithms on the first batch and keeps the fastest (every training batch
     has the same shape: full batches only); the setting is restored afterwards.
     """
-    with cudnn_autotuned(runtime.device):
-        return _fit(model, train_set, validation_set, prep, config, runtime, checkpoint_path, on_epoch, distributed,
-                    objective, initialise)
-
-
-@contextlib.contextmanager
-def cudnn_autotuned(device: torch.device) -> Iterator[None]:
-    """torch.backends.cudnn.benchmark on, for CUDA work whose input shapes repeat; the previous value after."""
-    if device.type != "cuda":
-        yield
-        return
-    previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = previous
-
-
-def _fit(
-    model: nn.Module,
-    train_set: AugmentedImages,
-    validation_set: tuple[np.ndarray, np.ndarray] | None,
-    prep: Preprocessing,
-    config: TrainConfig,
-    runtime: Runtime,
-    checkpoint_path: Path,
-    on_epoch: EpochCallback | None = None,
-    distributed: Distributed | None = None,
-    objective: Objective | None = None,
-    initialise: bool = True,
-) -> list[dict[str, Any]]:
     torch.manual_seed(config.seed)
     model.to(runtime.device)
     channels_last = runtime.device.type == "cuda"
@@ -359,63 +327,78 @@ def _fit(
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
         LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
-    step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
-    writer = distributed is None or distributed.is_writer
-    evaluated = average.module if average is not None else model
-    last_saved = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs + 1):
-        model.train()
-        _synchronize(runtime)
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=runtime.device)
-        correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
-        seen = 0
-        for inputs, labels in batches.epoch(generator, epoch):
-            with runtime.autocast():
-                logits = step(inputs)
-                loss = objective.loss(inputs, logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if lookahead is not None:
-                lookahead.step()
-            if average is not None:
-                average.update_parameters(model)
-            # Accumulated on the device: a float() per step would wait for the GPU every step.
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
-            seen += len(labels)
-        if lookahead is not None and epoch == config.epochs:
-            lookahead.finish()  # before the last epoch is scored and saved: those are the weights fit returns
-        _synchronize(runtime)
-        seconds = time.perf_counter() - started
-        if distributed is not None:
-            loss_sum, correct, seen = _sum_across_ranks(loss_sum, correct, seen, runtime)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(float(loss_sum) / max(seen, 1), 5),
-            "train_accuracy": round(int(correct) / max(seen, 1), 5),
-            "val_accuracy": _accuracy(evaluated, validation_set, prep, runtime) if writer else None,
-            "lr": round(scheduler.get_last_lr()[0], 6),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(seen / max(seconds, 1e-9), 1),
-            "data_path": batches.name,
-            **objective.epoch_metrics(),
-        }
-        history.append(row)
-        if writer:
-            if epoch == config.epochs or time.perf_counter() - last_saved >= config.checkpoint_interval_s:
-                _save_checkpoint(
-                    checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
-                )
-                last_saved = time.perf_counter()
-            if on_epoch is not None:
-                on_epoch(row)
+    with cudnn_autotuned(runtime.device):
+        step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
+        writer = distributed is None or distributed.is_writer
+        evaluated = average.module if average is not None else model
+        last_saved = time.perf_counter()
+        for epoch in range(start_epoch, config.epochs + 1):
+            model.train()
+            _synchronize(runtime)
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=runtime.device)
+            correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+            seen = 0
+            for inputs, labels in batches.epoch(generator, epoch):
+                with runtime.autocast():
+                    logits = step(inputs)
+                    loss = objective.loss(inputs, logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                if lookahead is not None:
+                    lookahead.step()
+                if average is not None:
+                    average.update_parameters(model)
+                # Accumulated on the device: a float() per step would wait for the GPU every step.
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum()
+                seen += len(labels)
+            if lookahead is not None and epoch == config.epochs:
+                lookahead.finish()  # before the last epoch is scored and saved: those are the weights fit returns
+            _synchronize(runtime)
+            seconds = time.perf_counter() - started
+            if distributed is not None:
+                loss_sum, correct, seen = _sum_across_ranks(loss_sum, correct, seen, runtime)
+            row = {
+                "epoch": epoch,
+                "train_loss": round(float(loss_sum) / max(seen, 1), 5),
+                "train_accuracy": round(int(correct) / max(seen, 1), 5),
+                "val_accuracy": _accuracy(evaluated, validation_set, prep, runtime) if writer else None,
+                "lr": round(scheduler.get_last_lr()[0], 6),
+                "seconds": round(seconds, 3),
+                "images_per_s": round(seen / max(seconds, 1e-9), 1),
+                "data_path": batches.name,
+                **objective.epoch_metrics(),
+            }
+            history.append(row)
+            if writer:
+                if epoch == config.epochs or time.perf_counter() - last_saved >= config.checkpoint_interval_s:
+                    _save_checkpoint(
+                        checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
+                    )
+                    last_saved = time.perf_counter()
+                if on_epoch is not None:
+                    on_epoch(row)
     if average is not None:
         model.load_state_dict(average.module.state_dict())
     return history
+
+
+@contextlib.contextmanager
+def cudnn_autotuned(device: torch.device) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark on, for CUDA work whose input shapes repeat; the previous value after."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 class _LoaderBatches:
