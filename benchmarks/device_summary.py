@@ -3,9 +3,8 @@
     python benchmarks/device_summary.py device-out
 
 `benchmarks/device_checks.sh run` prints it last, so the figures survive in a short tail of the call's output: the
-device tool returns only the end of a command's output and a few of its files. TTA combinations (train_speed.py's
-tta_variants): probs = evaluate.tta's flip_translate (mean of the six views' probabilities), logits = mean of
-logits, "wtd" = airbench's weights (unshifted views 1/4 each, shifted 1/8).
+device tool returns only the end of a command's output and a few of its files. TTA combinations: see
+train_speed.py's tta_variants (kiln_probs is evaluate.tta=flip_translate, airbench_logits_wtd is airbench's TTA).
 """
 
 from __future__ import annotations
@@ -15,9 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
-VARIANTS = ("probabilities_equal", "probabilities_weighted", "logits_equal", "logits_weighted")
-SHORT = {"probabilities_equal": "probs", "probabilities_weighted": "probs wtd", "logits_equal": "logits",
-         "logits_weighted": "logits wtd"}  # fmt: skip
+VARIANTS = ("kiln_probs", "kiln_logits_wtd", "airbench_probs", "airbench_logits_wtd")
 
 
 def main(folder: Path) -> None:
@@ -46,11 +43,12 @@ def print_sweep(rows: list[dict]) -> None:
         for setting in row["settings"]:
             key, _, value = setting.partition("=")
             by_value.setdefault(key, {}).setdefault(value, []).append(row["accuracy_tta"])
-    print(f"{len(rows)} runs; mean TTA accuracy by value (main effects):")
+    print(f"{len(rows)} runs; mean TTA accuracy by value, over all runs (train_speed.py --best-of compares only "
+          "complete blocks):")  # fmt: skip
     for key, values in by_value.items():
         print(f"- {key}: " + ", ".join(f"{value} {statistics.mean(scores):.4f} (n={len(scores)})"
                                          for value, scores in values.items()))  # fmt: skip
-    print("| settings | seed | train s | acc | TTA | " + " | ".join(SHORT[name] for name in VARIANTS) + " |")
+    print("| settings | seed | train s | acc | TTA | " + " | ".join(VARIANTS) + " |")
     for row in rows:
         variants = row.get("tta_variants", {})
         settings = " ".join(setting.partition(".")[2] for setting in row["settings"])  # without train./augment.
@@ -73,7 +71,7 @@ def print_recipe(recipe: dict) -> None:
 def print_variant_means(rows: list[dict]) -> None:
     scored = [row["tta_variants"] for row in rows if row.get("tta_variants")]
     if scored:
-        print("TTA combinations, mean: " + ", ".join(f"{SHORT[name]} {statistics.mean(v[name] for v in scored):.4f}"
+        print("TTA combinations, mean: " + ", ".join(f"{name} {statistics.mean(v[name] for v in scored):.4f}"
                                                      for name in VARIANTS))  # fmt: skip
 
 

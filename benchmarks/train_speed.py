@@ -65,8 +65,10 @@ def main(argv: list[str]) -> None:
                      "overrides": args.overrides}  # fmt: skip
 
     def save() -> None:  # after every section: a run stopped at its time limit keeps what it measured
-        if args.json_out:
-            Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
+        if args.json_out:  # whole or not at all: a later --best-of reads it, maybe after this run was killed
+            temporary = Path(f"{args.json_out}.tmp")
+            temporary.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(temporary, args.json_out)
 
     if not args.skip_feed:
         results["feed"] = feed_benchmark(dataset, runtime, args)
@@ -74,6 +76,7 @@ def main(argv: list[str]) -> None:
     if args.sweep:
         warm_up(dataset, load_config(args.profile, overrides=args.overrides), args)
     for grid in args.sweep:
+        results.setdefault("grids", []).append({key: values for key, values in grid})
         sweep_benchmark(dataset, args, grid, results.setdefault("sweep", []), save)
     if not args.skip_recipe:
         for epochs in args.epochs or [None]:
@@ -120,24 +123,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def best_settings(report: Path) -> list[str]:
-    """For each key a --json-out report's sweep varied, its value with the highest mean TTA accuracy over every run
-    that had it (the main effect: over a full grid each value is averaged over all the other keys' values, so one
-    seed per combination measures each key with half the runs)."""
-    rows = json.loads(report.read_text()).get("sweep", [])
+    """For each key a --json-out report's sweeps varied, its value with the highest mean TTA accuracy, compared only
+    within complete blocks: runs whose other keys have the same values and that together cover every value of this
+    key (over a full grid that is each key's main effect, averaged over all the others). A key without a complete
+    block (a sweep cut short) is reported and left out, not decided on unbalanced runs."""
+    report_data = json.loads(report.read_text())
+    rows = report_data.get("sweep", [])
     if not rows:
         raise SystemExit(f"--best-of {report}: the report has no sweep rows to choose from")
-    by_value: dict[str, dict[str, list[float]]] = {}
-    for row in rows:
-        for setting in row["settings"]:
-            key, _, value = setting.partition("=")
-            by_value.setdefault(key, {}).setdefault(value, []).append(row["accuracy_tta"])
+    axes: dict[str, list[str]] = {}
+    for grid in report_data.get("grids", []):
+        for key, values in grid.items():
+            axes.setdefault(key, []).extend(value for value in values if value not in axes.get(key, []))
     chosen = []
-    for key, values in by_value.items():
-        means = {value: statistics.mean(scores) for value, scores in values.items()}
-        best = max(means, key=means.get)
+    for key, values in axes.items():
+        blocks: dict[tuple, dict[str, list[float]]] = {}
+        for row in rows:
+            settings = dict(setting.split("=", 1) for setting in row["settings"])
+            if key in settings:
+                others = tuple(sorted((name, value) for name, value in settings.items() if name != key))
+                blocks.setdefault(others, {}).setdefault(settings[key], []).append(row["accuracy_tta"])
+        complete = [block for block in blocks.values() if set(block) == set(values)]
+        if not complete:
+            print(f"# best of {report}: {key}: no decision, no complete block of runs over {', '.join(values)}")
+            continue
+        means = {value: statistics.mean(statistics.mean(block[value]) for block in complete) for value in values}
+        best = max(values, key=means.get)  # a tie keeps the first value listed
         chosen.append(f"{key}={best}")
-        summary = ", ".join(f"{value} {mean:.4f} ({len(values[value])} runs)" for value, mean in means.items())
-        print(f"# best of {report}: {key}={best}; mean accuracy with TTA by value: {summary}")
+        summary = ", ".join(f"{value} {mean:.4f}" for value, mean in means.items())
+        print(f"# best of {report}: {key}={best}; mean accuracy with TTA over {len(complete)} complete block(s): "
+              f"{summary}")  # fmt: skip
     return chosen
 
 
@@ -333,32 +348,42 @@ def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime
 
 
 def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime) -> dict[str, float]:
-    """Accuracy of other ways to combine the six flip+translate views, from the same trained model: evaluate.tta's
-    mean of probabilities (`probabilities_equal`, which must match accuracy_tta), a mean of logits, and each with
-    airbench's weights (the two unshifted views 1/4 each, the four shifted ones 1/8). Log-probabilities stand in for
-    logits: per view they differ by a constant across classes, so a weighted sum has the same argmax."""
+    """Accuracy of other flip+translate test-time augmentations, from the same trained model and eight scored views:
+    the image and its mirror, both shifted one pixel up-left and down-right (each reflect-padded). Two sets of six:
+    kiln's (evaluate.tta=flip_translate: the shifted images and the shifted mirrors) and airbench's (the shifted
+    images and their mirrors: for the mirror, the other diagonal). Each combined as a plain mean of probabilities
+    (kiln's `kiln_probs` must equal accuracy_tta) and as airbench's weighted mean of logits (unshifted views 1/4
+    each, shifted 1/8: `airbench_logits_wtd` is airbench's own TTA). Log-probabilities stand in for logits: per view
+    they differ by a constant across classes, so a weighted sum has the same argmax."""
     images = dataset.test_images
     height, width = images.shape[1:3]
-    padded = {flipped: np.pad(images[:, :, ::-1] if flipped else images, ((0, 0), (1, 1), (1, 1), (0, 0)),
-                              mode="reflect") for flipped in (False, True)}  # fmt: skip
-    views = []  # (weight, probabilities); unshifted first, as evaluate's flip_translate orders them
-    for flipped in (False, True):
-        views.append((0.25, padded[flipped][:, 1 : height + 1, 1 : width + 1]))
-    for flipped in (False, True):
-        views += [(0.125, padded[flipped][:, :height, :width]), (0.125, padded[flipped][:, 2:, 2:])]
-    scored = [(weight, predict_probabilities(model, np.ascontiguousarray(view), prep, runtime, 2000))
-              for weight, view in views]  # fmt: skip
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    padded, padded_mirror = np.pad(images, pad, mode="reflect"), np.pad(images[:, :, ::-1], pad, mode="reflect")
+    views = {
+        "image": padded[:, 1:-1, 1:-1], "mirror": padded_mirror[:, 1:-1, 1:-1],
+        "image_up_left": padded[:, :height, :width], "image_down_right": padded[:, 2:, 2:],
+        "mirror_up_left": padded_mirror[:, :height, :width], "mirror_down_right": padded_mirror[:, 2:, 2:],
+        # the mirror of image_up_left / image_down_right, i.e. airbench's flipped shifts
+        "mirror_up_right": padded_mirror[:, :height, 2:], "mirror_down_left": padded_mirror[:, 2:, :width],
+    }  # fmt: skip
+    probabilities = {name: predict_probabilities(model, np.ascontiguousarray(view), prep, runtime, 2000)
+                     for name, view in views.items()}  # fmt: skip
+    unshifted = ("image", "mirror")
+    view_sets = {
+        "kiln": unshifted + ("image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right"),
+        "airbench": unshifted + ("image_up_left", "image_down_right", "mirror_up_right", "mirror_down_left"),
+    }
 
     def hit_rate(combined: np.ndarray) -> float:
         return float((combined.argmax(axis=1) == dataset.test_labels).mean())
 
-    logs = [(weight, np.log(np.clip(probabilities, 1e-30, None))) for weight, probabilities in scored]
-    return {
-        "probabilities_equal": hit_rate(sum(probabilities for _, probabilities in scored)),
-        "probabilities_weighted": hit_rate(sum(weight * probabilities for weight, probabilities in scored)),
-        "logits_equal": hit_rate(sum(log for _, log in logs)),
-        "logits_weighted": hit_rate(sum(weight * log for weight, log in logs)),
-    }
+    scores = {}
+    for name, chosen in view_sets.items():
+        scores[f"{name}_probs"] = hit_rate(sum(probabilities[view] for view in chosen))
+        scores[f"{name}_logits_wtd"] = hit_rate(sum((0.25 if view in unshifted else 0.125)
+                                                    * np.log(np.clip(probabilities[view], 1e-30, None))
+                                                    for view in chosen))  # fmt: skip
+    return scores
 
 
 def summarize(rows: list[dict]) -> dict[str, str]:

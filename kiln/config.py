@@ -190,7 +190,8 @@ class TrainConfig(Section):
     )
     whiten_bias_epochs: int | None = Field(
         None, ge=0, description="fastnet families: the whitening layer's bias trains at the base lr (not times "
-        "bias_lr_scale) for this many epochs, then stays fixed (airbench: 3); None: it trains like the other biases",
+        "bias_lr_scale) for this many epochs, then its lr is zero (with lookahead it moves once more, at the next "
+        "pull), as in airbench (3); None: it trains like the other biases",
     )
     checkpoint_interval_s: float = Field(
         0.0, ge=0, description="seconds between checkpoints (one is always written after the last epoch); 0: after "

@@ -44,9 +44,10 @@ def fine_tune(
     history ([] for 0 epochs)."""
     history: list[dict[str, Any]] = []
     if epochs > 0:
-        config = recipe.model_copy(
-            update={"epochs": epochs, "lr": recipe.lr * lr_scale, "schedule": "cosine", "validation_fraction": 0.0}
-        )
+        update = {"epochs": epochs, "lr": recipe.lr * lr_scale, "schedule": "cosine", "validation_fraction": 0.0}
+        if recipe.whiten_bias_epochs is not None:
+            update["whiten_bias_epochs"] = 0  # the recipe stopped the whitening bias: it stays where training left it
+        config = recipe.model_copy(update=update)
         history = fit(
             model, train_set, None, prep, config, runtime, checkpoint_path, on_epoch,
             initialise=False,  # a trained model: FastNet's whitening (bias trained) must not be reset
