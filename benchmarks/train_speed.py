@@ -90,6 +90,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="CIFAR-style image folder or archive (train/<class>/..., test/<class>/...); "
                         "default: synthetic images (feed test only)")  # fmt: skip
+    parser.add_argument("--data-cache", help="an .npz of the decoded --data: read if present, else written (for "
+                        "several runs of this script on the same data and --max-train/--max-test)")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--feed-model", default="resnet9")
@@ -187,9 +189,21 @@ def load_dataset(args: argparse.Namespace) -> ImageDataset:
         return ImageDataset("synthetic", [str(i) for i in range(10)], images, labels, images[:10_000], labels[:10_000])
     from kiln.sources import load_source
 
+    cache = Path(args.data_cache) if args.data_cache else None
+    if cache is not None and cache.exists():  # written by an earlier run of this benchmark with the same arguments
+        arrays = np.load(cache, allow_pickle=False)
+        return ImageDataset(str(arrays["name"]), [str(name) for name in arrays["classes"]], arrays["train_images"],
+                            arrays["train_labels"], arrays["test_images"], arrays["test_labels"])  # fmt: skip
     config = DataConfig(source="imagefolder", uri=args.data, max_train_samples=args.max_train,
                         max_test_samples=args.max_test)  # fmt: skip
-    return load_source(config).dataset
+    dataset = load_source(config).dataset
+    if cache is not None:
+        temporary = cache.with_name(f"{cache.name}.tmp.npz")
+        np.savez(temporary, name=dataset.name, classes=np.array(dataset.classes), train_images=dataset.train_images,
+                 train_labels=dataset.train_labels, test_images=dataset.test_images,
+                 test_labels=dataset.test_labels)  # fmt: skip
+        os.replace(temporary, cache)
+    return dataset
 
 
 def preprocessing(dataset: ImageDataset) -> Preprocessing:
