@@ -1,5 +1,6 @@
 """The whole pipeline under Prefect's test harness (a real, temporary Prefect API), on the quickstart profile."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,26 @@ from tasks.package import bundle_location
 STAGES = ["download", "validate", "augment", "train", "evaluate", "export", "compress", "package"]
 
 
-def task_run_states(flow_run_id) -> dict[str, str]:
-    """Task name -> state name of one flow run's task runs, read back through the Prefect API."""
+def task_run_states(flow_run_id, timeout_s: float = 60.0) -> dict[str, str]:
+    """Task name -> state name of one flow run's task runs, read back through the Prefect API.
+
+    The client reports task run states to the server asynchronously (as events), so right after the flow returns the
+    server may not hold every stage's run, or holds one without its state yet: wait, bounded, until it does."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # run names are "<task>-<suffix>"
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            recorded = all(run.state is not None and run.state.is_final() for run in runs)
+            names = {run.name.rsplit("-", 1)[0] for run in runs}  # run names are "<task>-<suffix>"
+            if recorded and set(STAGES) <= names:
+                return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server holds these task runs after {timeout_s} s: "
+                                     f"{[(run.name, run.state and run.state.name) for run in runs]}")  # fmt: skip
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
