@@ -14,6 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from sweep_choice import best_settings  # benchmarks/, the script's own folder
+
 VARIANTS = ("kiln_probs", "kiln_logits_wtd", "airbench_probs", "airbench_logits_wtd")
 
 
@@ -27,7 +29,7 @@ def main(folder: Path) -> None:
         report = json.loads(path.read_text())
         print(f"\n## {path.stem}: --set {' '.join(report.get('overrides', [])) or '(none)'}")
         if report.get("sweep"):
-            print_sweep(report["sweep"])
+            print_sweep(path, report["sweep"])
         for recipe in report.get("recipe", []):
             print_recipe(recipe)
         for trainer, runs in report.get("airbench", {}).items():
@@ -37,17 +39,9 @@ def main(folder: Path) -> None:
                   f"{', '.join(f'{accuracy}' for accuracy in scores)})")  # fmt: skip
 
 
-def print_sweep(rows: list[dict]) -> None:
-    by_value: dict[str, dict[str, list[float]]] = {}
-    for row in rows:
-        for setting in row["settings"]:
-            key, _, value = setting.partition("=")
-            by_value.setdefault(key, {}).setdefault(value, []).append(row["accuracy_tta"])
-    print(f"{len(rows)} runs; mean TTA accuracy by value, over all runs (train_speed.py --best-of compares only "
-          "complete blocks):")  # fmt: skip
-    for key, values in by_value.items():
-        print(f"- {key}: " + ", ".join(f"{value} {statistics.mean(scores):.4f} (n={len(scores)})"
-                                         for value, scores in values.items()))  # fmt: skip
+def print_sweep(report: Path, rows: list[dict]) -> None:
+    print(f"{len(rows)} runs")
+    best_settings(report)  # prints each setting's decision, as --best-of made it
     print("| settings | seed | train s | acc | TTA | " + " | ".join(VARIANTS) + " |")
     for row in rows:
         variants = row.get("tta_variants", {})

@@ -146,8 +146,9 @@ WHITENING_BIAS_GROUP = "whitening_bias"
 
 
 def _scheduled_whitening_bias(model: nn.Module, config: TrainConfig) -> nn.Parameter | None:
-    if config.whiten_bias_epochs is None or not hasattr(model, "whitening_bias"):  # (a distillation student may
-        return None  # lack it)
+    # A model without the method (a distillation student of another family) has no whitening bias to schedule.
+    if config.whiten_bias_epochs is None or not hasattr(model, "whitening_bias"):
+        return None
     bias = model.whitening_bias()
     return bias if bias.requires_grad else None
 
