@@ -6,8 +6,8 @@
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
 # `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
-# section's .md, .json and .log of its stderr: parity, best, long, long-best, airbench; see run() for what each
-# measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
+# section's .md, .json and .log of its stderr: parity, best, muon, muon-best, long, long-best, airbench; see run()
+# for what each measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
 # sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
@@ -78,10 +78,21 @@ run() {
     #   alternating flip, and fp16 (airbench trains in fp16; kiln's autocast default is bf16). best: each setting's
     #   better value (--best-of: main effects, 16 runs against 16), seeds 1-3 at 10 and 12 epochs (uncompiled, as
     #   compile=auto runs them).
-    # long: cifar10-long with those, and airbench96's 4-pixel translation against kiln's 2, seed 0; then long-best:
-    #   the better one, seeds 1-2. airbench: airbench94 alongside. Every run also scores four TTA combinations.
+    # muon: cifar10-fast with those and train.optimizer=muon (kiln/muon.py) in the shape of airbench's Muon record:
+    #   batch 2000, 8 epochs, lr decaying linearly from its peak to 0; the filters' lr, the SGD part's decay (in
+    #   kiln's coupled terms 1.33e-3 is airbench94's per-step decay, 2.67e-3 the record's) and lookahead (the record
+    #   has none): 8 runs. muon-best: the better values, seeds 1-3, at 8 and 10 epochs.
+    # long: cifar10-long with parity's choices, and airbench96's 4-pixel translation against kiln's 2, seed 0; then
+    #   long-best: the better one, seeds 1-2. airbench: airbench94 alongside. Every run also scores four TTA
+    #   combinations.
     local parity=(--epochs 10 --sweep "train.weight_decay=5e-4,1.33e-3;train.decay_biases=false,true;train.whiten_bias_epochs=null,3;augment.flip=random,alternate;train.precision=bf16,fp16")
     local best=(--best-of "$OUT/parity.json" --epochs 10,12 --runs 3 --first-seed 1)
+    local muon_shape=(--set train.optimizer=muon --set train.batch_size=2000 --set train.warmup_fraction=0.01
+                      --set train.initial_lr_fraction=1 --set train.final_lr_fraction=0)
+    local muon=("${muon_shape[@]}" --best-of "$OUT/parity.json" --epochs 8
+                --sweep "train.muon_lr=0.24,0.36;train.weight_decay=1.33e-3,2.67e-3;train.lookahead_steps=null,5")
+    local muon_best=("${muon_shape[@]}" --best-of "$OUT/parity.json" --best-of "$OUT/muon.json" --epochs 8,10
+                     --runs 3 --first-seed 1)
     local long=(--profile cifar10-long --best-of "$OUT/parity.json" --epochs 40 --sweep "augment.crop_padding=2,4")
     local long_best=(--profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json" --epochs 40
                      --runs 2 --first-seed 1)
@@ -90,6 +101,10 @@ run() {
         local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0)
         parity=("${tiny[@]}" --epochs 1 --sweep "train.decay_biases=false,true;train.whiten_bias_epochs=null,0;train.precision=fp32,fp16")
         best=("${tiny[@]}" --best-of "$OUT/parity.json" --epochs 1 --runs 1)
+        muon=("${tiny[@]}" "${muon_shape[@]}" --set train.batch_size=64 --best-of "$OUT/parity.json" --epochs 1
+              --sweep "train.muon_lr=0.24,0.36;train.lookahead_steps=null,1")
+        muon_best=("${tiny[@]}" "${muon_shape[@]}" --set train.batch_size=64 --best-of "$OUT/parity.json"
+                   --best-of "$OUT/muon.json" --epochs 1 --runs 1)
         long=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --epochs 1 --sweep "augment.crop_padding=2,4")
         long_best=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json"
                    --epochs 1 --runs 1)
@@ -105,11 +120,14 @@ run() {
     }
     rm -f /tmp/kiln-cifar-*.npz
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
-    # Estimated on the H200 (the first section also decodes the JPEGs, ~20 s): parity ~190 s, best ~40, long ~65,
-    # long-best ~65, airbench ~40; a section cut short leaves --best-of undecided on what it did not complete.
+    # Estimated on the H200 (the first section also decodes the JPEGs, ~20 s): parity ~190 s, best ~40, muon ~45,
+    # muon-best ~35, long ~65, long-best ~65, airbench ~40; a section cut short leaves --best-of undecided on what it
+    # did not complete.
     local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section
     section parity 45 "${speed[@]}" "${cached[@]}" --skip-recipe "${parity[@]}" --json-out "$OUT/parity.json"
-    section best 30 "${speed[@]}" "${cached[@]}" "${best[@]}" --json-out "$OUT/best.json"
+    section best 20 "${speed[@]}" "${cached[@]}" "${best[@]}" --json-out "$OUT/best.json"
+    section muon 20 "${speed[@]}" "${cached[@]}" --skip-recipe "${muon[@]}" --json-out "$OUT/muon.json"
+    section muon-best 20 "${speed[@]}" "${cached[@]}" "${muon_best[@]}" --json-out "$OUT/muon-best.json"
     section long 40 "${speed[@]}" "${cached[@]}" --skip-recipe "${long[@]}" --json-out "$OUT/long.json"
     section long-best 70 "${speed[@]}" "${cached[@]}" "${long_best[@]}" --json-out "$OUT/long-best.json"
     section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"

@@ -157,18 +157,24 @@ def load_dataset(args: argparse.Namespace) -> ImageDataset:
     from kiln.sources import load_source
 
     cache = Path(args.data_cache) if args.data_cache else None
-    if cache is not None and cache.exists():  # written by an earlier run of this benchmark with the same arguments
+    # What the cache holds must be what these arguments ask for: a cache of a smaller --max-train would quietly
+    # train on a few hundred images.
+    origin = json.dumps([str(Path(args.data).resolve()), args.max_train, args.max_test])
+    if cache is not None and cache.exists():
         arrays = np.load(cache, allow_pickle=False)
-        return ImageDataset(str(arrays["name"]), [str(name) for name in arrays["classes"]], arrays["train_images"],
-                            arrays["train_labels"], arrays["test_images"], arrays["test_labels"])  # fmt: skip
+        if "origin" in arrays and str(arrays["origin"]) == origin:
+            return ImageDataset(str(arrays["name"]), [str(name) for name in arrays["classes"]],
+                                arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                                arrays["test_labels"])  # fmt: skip
+        print(f"# {cache} holds other data or limits than these arguments: decoding again", file=sys.stderr)
     config = DataConfig(source="imagefolder", uri=args.data, max_train_samples=args.max_train,
                         max_test_samples=args.max_test)  # fmt: skip
     dataset = load_source(config).dataset
     if cache is not None:
         temporary = cache.with_name(f"{cache.name}.tmp.npz")
-        np.savez(temporary, name=dataset.name, classes=np.array(dataset.classes), train_images=dataset.train_images,
-                 train_labels=dataset.train_labels, test_images=dataset.test_images,
-                 test_labels=dataset.test_labels)  # fmt: skip
+        np.savez(temporary, origin=origin, name=dataset.name, classes=np.array(dataset.classes),
+                 train_images=dataset.train_images, train_labels=dataset.train_labels,
+                 test_images=dataset.test_images, test_labels=dataset.test_labels)  # fmt: skip
         os.replace(temporary, cache)
     return dataset
 

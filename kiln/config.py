@@ -21,6 +21,9 @@ PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "cifar10-long", "mnist
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
 ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
 FASTNET_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init() and a whitening layer
+# Families whose every convolution feeds a BatchNorm, so a filter's scale does not change what they compute: Muon
+# (train.optimizer=muon) may hold each filter tensor at a fixed norm instead of decaying it.
+NORMALIZED_CONV_MODELS = (*FASTNET_MODELS, "resnet9")
 
 
 class Section(BaseModel):
@@ -137,10 +140,20 @@ class TrainConfig(Section):
     model: ModelName = "simple_cnn"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
-    optimizer: Literal["sgd", "adamw"] = "adamw"
+    optimizer: Literal["sgd", "adamw", "muon"] = Field(
+        "adamw", description="muon: the convolution filters by Muon (orthogonalized momentum updates at muon_lr, "
+        "kiln/muon.py), every other parameter by SGD as with sgd; for the families that normalize after every "
+        "convolution",
+    )
     lr: float = Field(3e-3, gt=0, description="peak learning rate of the schedule")
     weight_decay: float = Field(5e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd, and muon's SGD part")
+    muon_lr: float = Field(
+        0.24, gt=0, le=10, description="muon: the filters' peak learning rate, for orthogonalized updates (each "
+        "filter tensor kept at norm sqrt(output channels), so this is a relative step size); the schedule scales it "
+        "as it scales lr",
+    )
+    muon_momentum: float = Field(0.6, ge=0, lt=1, description="muon: the filters' Nesterov momentum")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="stratified share of train held out to watch each epoch (never the test split)"
@@ -229,6 +242,16 @@ class TrainConfig(Section):
                              f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
         return value
 
+    @field_validator("optimizer")
+    @classmethod
+    def _muon_needs_normalized_convolutions(cls, value: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if value == "muon" and model is not None and model not in NORMALIZED_CONV_MODELS:
+            raise ValueError(f"muon holds each convolution's filters at a fixed norm, which only models that "
+                             f"normalize after every convolution tolerate ({', '.join(NORMALIZED_CONV_MODELS)}), "
+                             f"not {model}: add --set train.optimizer=sgd")  # fmt: skip
+        return value
+
     @field_validator("lookahead_steps")
     @classmethod
     def _one_weight_average(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -238,7 +261,7 @@ class TrainConfig(Section):
                              "train.lookahead_steps=null or --set train.ema_decay=null")  # fmt: skip
         return value
 
-    @field_validator("lr", "weight_decay", "momentum", "label_smoothing", mode="before")
+    @field_validator("lr", "weight_decay", "momentum", "label_smoothing", "muon_lr", "muon_momentum", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
         # Before the range checks, which would otherwise answer "NaN" with "should be greater than 0".

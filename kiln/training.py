@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kiln.config import TrainConfig
+from kiln.config import NORMALIZED_CONV_MODELS, TrainConfig
 from kiln.errors import ConfigError
+from kiln.muon import Muon
 from kiln.runtime.preprocess import Preprocessing
 
 LOGGER = logging.getLogger("kiln")
@@ -116,15 +117,18 @@ class DeviceNormalizer(nn.Module):
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW; `fused` (CUDA) runs each step as one kernel over all parameters.
+    """SGD (Nesterov), AdamW or Muon (kiln/muon.py); `fused` (CUDA) runs each step as one kernel over all parameters
+    (Muon: its SGD part).
 
     Parameter groups: the weights (decayed); norm shifts and biases at bias_lr_scale times the lr (decayed only with
     decay_biases); with whiten_bias_epochs, a fastnet's whitening bias on its own (group name WHITENING_BIAS_GROUP),
-    at the base lr, which make_scheduler stops after those epochs. Frozen parameters (FastNet's whitening filters,
-    set from the data) are left out."""
+    at the base lr, which make_scheduler stops after those epochs; with muon, the convolution filters last, at
+    muon_lr and muon_momentum, orthogonalized and held at a fixed norm instead of decayed. Frozen parameters
+    (FastNet's whitening filters, set from the data) are left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     whitening_bias = _scheduled_whitening_bias(model, config)
-    decay = [p for p in trainable if p.ndim > 1]
+    filters = _muon_filters(model, trainable) if config.optimizer == "muon" else []
+    decay = [p for p in trainable if p.ndim > 1 and not any(p is f for f in filters)]
     biases = [p for p in trainable if p.ndim <= 1 and p is not whitening_bias]
     # Without decay_biases: decaying norm shifts only fights the normalization. With it, airbench's choice: the same
     # shrinkage per step for every parameter (lr x coefficient), whatever its lr.
@@ -136,6 +140,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
     if whitening_bias is not None:
         groups.append({"params": [whitening_bias], "name": WHITENING_BIAS_GROUP, "lr": config.lr,
                        "weight_decay": config.weight_decay if config.decay_biases else 0.0})  # fmt: skip
+    if config.optimizer == "muon":
+        groups.append({"params": filters, "lr": config.muon_lr, "momentum": config.muon_momentum,
+                       "weight_decay": 0.0, "orthogonalize": True, "fixed_norm": True})  # fmt: skip
+        return Muon(groups, lr=config.lr, momentum=config.momentum, fused=fused)
     options = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, **options)
@@ -143,6 +151,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
 
 
 WHITENING_BIAS_GROUP = "whitening_bias"
+
+
+def _muon_filters(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
+    """The convolution filters Muon may train: all of them in a family that normalizes after every convolution
+    (the config allows muon only for those); none in another, e.g. a distillation student of a plain CNN family
+    under a muon recipe, whose filters then train by SGD like its other weights."""
+    from kiln.models import family_of
+
+    family = family_of(model)
+    if family not in NORMALIZED_CONV_MODELS:
+        LOGGER.info(f"muon: {family or type(model).__name__} does not normalize after every convolution; its "
+                    "filters train by SGD")  # fmt: skip
+        return []
+    return [p for p in trainable if p.ndim == 4]
 
 
 def _scheduled_whitening_bias(model: nn.Module, config: TrainConfig) -> nn.Parameter | None:

@@ -58,6 +58,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return family(in_channels=channels, height=height, width=width, num_classes=spec.num_classes)
 
 
+def family_of(model: nn.Module) -> str | None:
+    """The family name `model` was built as (its exact class), or None for a model kiln did not build."""
+    return next((name for name, family in MODEL_FAMILIES.items() if type(model) is family), None)
+
+
 def save_model(model: nn.Module, spec: ModelSpec, out_dir: Path) -> None:
     import json
 

@@ -138,9 +138,13 @@ WHITENING_SCHEDULE = {"model": "fastnet", "optimizer": "sgd", "lr": 0.05, "momen
                       "decay_biases": True, "whiten_bias_epochs": 3}  # the bias stops after the resume
 
 
+MUON = {"model": "fastnet", "optimizer": "muon", "lr": 0.05, "momentum": 0.85, "bias_lr_scale": 8, "muon_lr": 0.1}
+
+
 @pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate"),
-                                            (WHITENING_SCHEDULE, "random")],
-                         ids=["plain", "lookahead-alternating-flip", "fastnet-whitening-schedule"])  # fmt: skip
+                                            (WHITENING_SCHEDULE, "random"), (MUON, "random")],
+                         ids=["plain", "lookahead-alternating-flip", "fastnet-whitening-schedule",
+                              "fastnet-muon"])  # fmt: skip
 def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
     straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
 
@@ -181,6 +185,13 @@ def test_the_whitening_bias_trains_for_its_epochs_then_stays_where_it_is(tmp_pat
     assert not torch.equal(snapshots[1], snapshots[0]) and not torch.equal(snapshots[2], snapshots[1])
     assert torch.equal(snapshots[3], snapshots[2])  # epochs 1-3 train it, epoch 4 does not
     assert torch.equal(model.whiten.bias, snapshots[3])
+
+
+def test_muon_lowers_the_loss_and_repeats_exactly_from_its_seed(tmp_path):
+    history, _ = _train(tmp_path, "muon", data_path="device", **MUON)
+    repeat, _ = _train(tmp_path, "again", data_path="device", **MUON)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [row["train_loss"] for row in repeat] == [row["train_loss"] for row in history]
 
 
 def test_weight_averaging_leaves_the_averaged_weights_in_the_model(tmp_path):

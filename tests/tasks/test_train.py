@@ -256,3 +256,48 @@ def test_identity_init_is_refused_for_models_without_it():
 
     with pytest.raises(ConfigError, match="identity_init.*fastnet"):
         load_config(overrides=["train.model=resnet9", "train.identity_init=true"])
+
+
+def test_muon_trains_the_filters_in_their_own_orthogonalized_group_and_every_other_weight_by_sgd():
+    from kiln.training import make_optimizer, make_scheduler
+
+    config = TrainConfig(model="fastnet", optimizer="muon", lr=0.5, weight_decay=5e-4, bias_lr_scale=64,
+                         momentum=0.85, muon_lr=0.3, muon_momentum=0.6, schedule="onecycle")  # fmt: skip
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 4))
+    optimizer = make_optimizer(model, config)
+    weights, shifts, filters = optimizer.param_groups
+    assert weights["params"] == [model.head.weight] and not weights["orthogonalize"]
+    assert (weights["lr"], weights["momentum"], weights["weight_decay"]) == (0.5, 0.85, 5e-4)
+    assert (shifts["lr"], shifts["weight_decay"]) == (0.5 * 64, 0.0)
+    convolutions = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m is not model.whiten]
+    assert filters["params"] == convolutions  # the frozen whitening filters left out, as with sgd
+    assert filters["orthogonalize"] and filters["fixed_norm"]
+    assert (filters["lr"], filters["momentum"], filters["weight_decay"]) == (0.3, 0.6, 0.0)
+    scheduler = make_scheduler(optimizer, config, total_steps=10)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    weights_lr, _, filters_lr = scheduler.get_last_lr()
+    assert filters_lr / weights_lr == pytest.approx(0.3 / 0.5)  # one schedule scales every group
+
+
+def test_muon_leaves_the_filters_of_a_model_without_normalization_to_sgd(caplog):
+    """A distillation student of a plain CNN family can meet a muon recipe (the teacher's): its filters then train
+    by SGD, since holding their norm fixed would change what it computes."""
+    from kiln.training import make_optimizer
+
+    config = TrainConfig(model="fastnet", optimizer="muon")
+    student = build_model(ModelSpec("simple_cnn", (8, 8, 3), 4))
+    with caplog.at_level("INFO", logger="kiln"):
+        groups = make_optimizer(student, config).param_groups
+    assert groups[-1]["params"] == [] and "filters train by SGD" in caplog.text
+    assert sum(len(group["params"]) for group in groups) == len(list(student.parameters()))
+
+
+def test_muon_is_refused_for_models_that_do_not_normalize_after_every_convolution():
+    from kiln.config import load_config
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optimizer.*muon.*not simple_cnn.*train.optimizer=sgd"):
+        load_config(overrides=["train.model=simple_cnn", "train.optimizer=muon"])
+    assert load_config(overrides=["train.model=resnet9", "train.optimizer=muon"]).train.optimizer == "muon"
