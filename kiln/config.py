@@ -335,7 +335,8 @@ class CompressConfig(Section):
         0.5, gt=0, lt=1, description="prune_unstructured: share of all conv/linear weights set to zero (global L1)",
     )
     finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning (0: none)")
-    finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tuning peak lr = train.lr x this")
+    finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tuning peak lr = train.lr x this (and "
+                                     "train.muon_lr x this, with muon)")
     distill_student: Literal["slim", "mlp", "simple_cnn", "lenet", "resnet9"] = Field(
         "slim", description="slim: the teacher's own architecture with every width scaled by distill_width",
     )

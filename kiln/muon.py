@@ -7,10 +7,10 @@ moves by the same amount, instead of the few dominant ones taking nearly all of 
 airbench94's 94 % in about 20 % less training (the "airbench94_muon" record, batch 2000, 8 epochs). A convolution's
 filters [out, in, k, k] are treated as the matrix [out, in * k * k].
 
-With `fixed_norm` (the filter groups make_optimizer builds for models that normalise after every convolution), each
-filter tensor is scaled back to Frobenius norm sqrt(out) before every update. A BatchNorm after the convolution
-makes the loss indifferent to that scale, so this replaces weight decay: without it the weights grow with every
-orthogonal step and the effective learning rate decays on its own.
+In an orthogonalized group each filter tensor is also scaled back to Frobenius norm sqrt(out) before every update,
+as in that record. A BatchNorm after the convolution makes the loss indifferent to that scale (make_optimizer uses
+Muon only for families that normalize after every convolution), so this replaces weight decay: without it the
+weights grow with every orthogonal step and the effective learning rate decays on its own.
 
 Groups whose `orthogonalize` is False get exactly torch.optim.SGD's update (torch's own functional sgd: coupled
 weight decay, Nesterov momentum, fused or foreach kernels), so one optimizer, one LR scheduler, one checkpoint and
@@ -52,11 +52,11 @@ def orthogonalized(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> to
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum; in param groups with `orthogonalize`, the momentum update of each parameter is
-    orthogonalized (Muon) and applied as lr x sqrt(max(1, rows / cols)) x that matrix. Per-group options: lr,
-    momentum, weight_decay (coupled, as SGD's; decoupled, lr x weight_decay x weight, in orthogonalized groups),
-    orthogonalize, fixed_norm (orthogonalized groups: see the module doc). `fused` runs the SGD groups' step as
-    torch's fused kernel (CUDA)."""
+    """SGD with Nesterov momentum; in param groups with `orthogonalize`, each parameter is first scaled to norm
+    sqrt(rows), then its momentum update is orthogonalized (Muon) and applied as lr x sqrt(max(1, rows / cols)) x
+    that matrix (the factor keeps a tall matrix's step as large, relative to its norm, as a wide one's). Per-group
+    options: lr, momentum, weight_decay (coupled, as SGD's; orthogonalized groups take none: their norm is fixed),
+    orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA)."""
 
     def __init__(
         self,
@@ -65,19 +65,21 @@ class Muon(torch.optim.Optimizer):
         momentum: float,
         weight_decay: float = 0.0,
         orthogonalize: bool = False,
-        fixed_norm: bool = False,
         fused: bool = False,
     ):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"Muon needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
                              f"{weight_decay}")  # fmt: skip
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize,
-                    "fixed_norm": fixed_norm}  # fmt: skip
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "orthogonalize": orthogonalize}
         super().__init__(params, defaults)
         for group in self.param_groups:
-            if group["orthogonalize"] and any(parameter.ndim < 2 for parameter in group["params"]):
+            if not group["orthogonalize"]:
+                continue
+            if any(parameter.ndim < 2 for parameter in group["params"]):
                 raise ValueError("Muon orthogonalizes matrices and convolution filters, not vectors or scalars: put "
                                  "biases and norm parameters in a group without orthogonalize")  # fmt: skip
+            if group["weight_decay"] > 0:
+                raise ValueError("an orthogonalized group holds its weights at a fixed norm: give it weight_decay 0")
         self.fused = fused
 
     @torch.no_grad()
@@ -113,10 +115,7 @@ class Muon(torch.optim.Optimizer):
         update = gradient.add(buffer, alpha=momentum)  # Nesterov: look one momentum step ahead
         rows = parameter.shape[0]
         columns = parameter.numel() // rows
-        if group["fixed_norm"]:
-            parameter.mul_(math.sqrt(rows) / parameter.norm().clamp_min(1e-12))
-        elif group["weight_decay"] > 0:
-            parameter.mul_(1 - group["lr"] * group["weight_decay"])
+        parameter.mul_(math.sqrt(rows) / parameter.norm().clamp_min(1e-12))
         direction = orthogonalized(update.reshape(rows, columns)).view_as(parameter)
         parameter.add_(direction, alpha=-group["lr"] * math.sqrt(max(1.0, rows / columns)))
         return buffer

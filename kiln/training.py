@@ -142,7 +142,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
                        "weight_decay": config.weight_decay if config.decay_biases else 0.0})  # fmt: skip
     if config.optimizer == "muon":
         groups.append({"params": filters, "lr": config.muon_lr, "momentum": config.muon_momentum,
-                       "weight_decay": 0.0, "orthogonalize": True, "fixed_norm": True})  # fmt: skip
+                       "weight_decay": 0.0, "orthogonalize": True})  # fmt: skip
         return Muon(groups, lr=config.lr, momentum=config.momentum, fused=fused)
     options = {"fused": True} if fused else {}
     if config.optimizer == "sgd":

@@ -203,7 +203,8 @@ def model_card(
         "## Training",
         f"- data: {info.counts['train']} training images ({training['validation_samples']} of them held out to "
         f"watch each epoch), {info.counts['test']} test images; classes: " + ", ".join(info.classes),
-        f"- {training['epochs']} epochs, optimizer {train_config['optimizer']}, peak lr {train_config['lr']}, "
+        f"- {training['epochs']} epochs, optimizer {train_config['optimizer']}, peak lr {train_config['lr']}"
+        + (f" (filters: {train_config['muon_lr']})" if train_config["optimizer"] == "muon" else "") + ", "
         f"batch {train_config['batch_size']}, on {training['device']} ({training['precision']}), "
         f"{training['train_seconds']} s",
         "",

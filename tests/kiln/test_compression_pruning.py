@@ -184,3 +184,16 @@ def test_fine_tuning_keeps_a_stopped_whitening_bias_where_training_left_it(tmp_p
     fine_tune(model, AugmentedImages(images, labels, None), prep, recipe, resolve_runtime("cpu", "fp32"), 2, 1.0,
               tmp_path / "checkpoint.pt")  # fmt: skip
     assert torch.equal(model.whiten.bias, bias) == stays
+
+
+def test_fine_tuning_a_muon_recipe_scales_the_filters_lr_too(tmp_path, monkeypatch):
+    """finetune_lr_scale lowers every peak lr: with muon the filters' (muon_lr) as well as the rest's (lr)."""
+    from kiln.compression import finetune
+    from kiln.config import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(finetune, "fit", lambda model, train_set, validation, prep, config, *rest, **options:
+                        seen.append(config) or [])  # fmt: skip
+    recipe = TrainConfig(model="fastnet", optimizer="muon", lr=1.5, muon_lr=0.24)
+    finetune.fine_tune(torch.nn.Linear(2, 2), None, None, recipe, None, 2, 0.1, tmp_path / "checkpoint.pt")
+    assert (seen[0].lr, seen[0].muon_lr) == (pytest.approx(0.15), pytest.approx(0.024))

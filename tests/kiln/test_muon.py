@@ -49,23 +49,34 @@ def test_the_sgd_groups_take_exactly_torch_sgds_steps():
             assert torch.equal(mine, reference), step
 
 
-def test_an_orthogonalized_group_holds_the_filter_norm_and_steps_along_the_orthogonalized_momentum():
+@pytest.mark.parametrize("shape", [(8, 4, 3, 3), (64, 3, 3, 3)], ids=["wide", "tall"])
+def test_an_orthogonalized_group_holds_the_filter_norm_and_steps_along_the_orthogonalized_momentum(shape):
     torch.manual_seed(0)
-    filters = torch.nn.Parameter(torch.randn(8, 4, 3, 3) * 5)
-    optimizer = Muon([{"params": [filters], "orthogonalize": True, "fixed_norm": True}], lr=0.2, momentum=0.5)
-    gradients = [torch.randn(8, 4, 3, 3) for _ in range(2)]
+    rows, columns = shape[0], math.prod(shape[1:])
+    scale = math.sqrt(max(1.0, rows / columns))  # a tall matrix's step grows with it, relative to its norm
+    filters = torch.nn.Parameter(torch.randn(shape) * 5)
+    optimizer = Muon([{"params": [filters], "orthogonalize": True}], lr=0.2, momentum=0.5)
     expected, buffer = filters.detach().clone(), None
-    for gradient in gradients:
+    for _ in range(2):
+        gradient = torch.randn(shape)
         buffer = gradient.clone() if buffer is None else buffer * 0.5 + gradient
         update = gradient + 0.5 * buffer  # Nesterov
-        expected = expected * (math.sqrt(8) / expected.norm())
-        expected = expected - 0.2 * orthogonalized(update.reshape(8, 36)).view(8, 4, 3, 3)
+        expected = expected * (math.sqrt(rows) / expected.norm())
+        held = expected.clone()
+        expected = expected - 0.2 * scale * orthogonalized(update.reshape(rows, columns)).view(shape)
         filters.grad = gradient
         optimizer.step()
         assert torch.allclose(filters.detach(), expected, atol=1e-5)
+        # The step itself, at the default number of iterations: roughly orthogonal, whatever the update's spectrum.
+        step = (held - filters.detach()).reshape(rows, columns) / (0.2 * scale)
+        singular = torch.linalg.svdvals(step.double())
+        assert singular.max() < 1.25 and singular.min() > 0.5, singular
     assert torch.equal(optimizer.state[filters]["momentum_buffer"], buffer)
 
 
-def test_orthogonalized_groups_refuse_vectors():
+def test_orthogonalized_groups_refuse_vectors_and_weight_decay():
     with pytest.raises(ValueError, match="not vectors or scalars"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(4))], "orthogonalize": True}], lr=0.1, momentum=0.5)
+    with pytest.raises(ValueError, match="fixed norm: give it weight_decay 0"):
+        Muon([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "orthogonalize": True, "weight_decay": 1e-3}],
+             lr=0.1, momentum=0.5)  # fmt: skip
