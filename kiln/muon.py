@@ -56,7 +56,9 @@ class Muon(torch.optim.Optimizer):
     sqrt(rows), then its momentum update is orthogonalized (Muon) and applied as lr x sqrt(max(1, rows / cols)) x
     that matrix (the factor keeps a tall matrix's step as large, relative to its norm, as a wide one's). Per-group
     options: lr, momentum, weight_decay (coupled, as SGD's; orthogonalized groups take none: their norm is fixed),
-    orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA)."""
+    orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA). Under fp16 a GradScaler
+    unscales the gradients first and checks them for inf on the host, so each step waits for the GPU (torch's fused
+    SGD alone takes that check on the device): prefer bf16."""
 
     def __init__(
         self,
