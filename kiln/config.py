@@ -226,8 +226,8 @@ class TrainConfig(Section):
     @field_validator("identity_init")
     @classmethod
     def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
-        model = info.data.get("model")
-        if value and model is not None and model not in FASTNET_MODELS:  # None: model itself was invalid
+        model = _model_outside(info, FASTNET_MODELS)
+        if value and model:
             families = " and ".join(FASTNET_MODELS)
             raise ValueError(f"applies to the {families} models, not {model} (the cifar10-fast and cifar10-long "
                              "profiles turn it on): add --set train.identity_init=false")  # fmt: skip
@@ -236,8 +236,8 @@ class TrainConfig(Section):
     @field_validator("whiten_bias_epochs")
     @classmethod
     def _whitening_needs_fastnet(cls, value: int | None, info: ValidationInfo) -> int | None:
-        model = info.data.get("model")
-        if value is not None and model is not None and model not in FASTNET_MODELS:
+        model = _model_outside(info, FASTNET_MODELS)
+        if value is not None and model:
             raise ValueError(f"applies to the whitening layer of the {' and '.join(FASTNET_MODELS)} models, not "
                              f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
         return value
@@ -245,8 +245,8 @@ class TrainConfig(Section):
     @field_validator("optimizer")
     @classmethod
     def _muon_needs_normalized_convolutions(cls, value: str, info: ValidationInfo) -> str:
-        model = info.data.get("model")
-        if value == "muon" and model is not None and model not in NORMALIZED_CONV_MODELS:
+        model = _model_outside(info, NORMALIZED_CONV_MODELS)
+        if value == "muon" and model:
             raise ValueError(f"muon holds each convolution's filters at a fixed norm, which only models that "
                              f"normalize after every convolution tolerate ({', '.join(NORMALIZED_CONV_MODELS)}), "
                              f"not {model}: add --set train.optimizer=sgd")  # fmt: skip
@@ -272,6 +272,13 @@ class TrainConfig(Section):
         if not math.isfinite(number):
             raise ValueError("must be a finite number, e.g. 0.001")
         return value
+
+
+def _model_outside(info: ValidationInfo, families: tuple[str, ...]) -> str | None:
+    """The section's model when it is valid but not one of `families` (None when it is one, or was itself invalid:
+    its own error is the one to report)."""
+    model = info.data.get("model")
+    return model if model is not None and model not in families else None
 
 
 class EvaluateConfig(Section):
