@@ -77,6 +77,26 @@ def test_learning_rate_nan(store_root, tmp_path):
     )  # fmt: skip
 
 
+def test_muon_settings_out_of_range_or_on_the_wrong_model(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.muon_lr: Value error, must be a finite number, e.g. 0.001 (got 'inf')",
+        overrides=["train.optimizer=muon", "train.model=fastnet", "train.muon_lr=inf"],
+    )
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.muon_momentum: Input should be less than 1 (got '1')",
+        overrides=["train.optimizer=muon", "train.model=fastnet", "train.muon_momentum=1"],
+    )
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.optimizer: Value error, muon holds each convolution's filters at a fixed "
+        "norm, which only models that normalize after every convolution tolerate (fastnet, fastnet_wide, resnet9), "
+        "not simple_cnn: add --set train.optimizer=sgd (got 'muon')",
+        overrides=["train.optimizer=muon"],
+    )
+
+
 def test_unknown_model(store_root):
     config_fails(
         store_root,
