@@ -6,7 +6,8 @@
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
 # `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
-# section's .md, .json and .log of its stderr: parity, best, muon, muon-best, long, long-best, airbench; see run()
+# section's .md, .json and .log of its stderr: parity, best, muon, muon-best, long, long-best, long-hard, airbench;
+# see run()
 # for what each measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
 # sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
@@ -85,8 +86,9 @@ run() {
     #   step: only fused SGD takes its inf check on the device). muon-best: the better values, seeds 1-3, at 8 and
     #   10 epochs.
     # long: cifar10-long with parity's choices, and airbench96's 4-pixel translation against kiln's 2, seed 0; then
-    #   long-best: the better one, seeds 1-2. airbench: airbench94 alongside. Every run also scores four TTA
-    #   combinations.
+    #   long-best: the better one, seeds 1-2. long-hard: the same with train.keep_hardest=0.5 (kiln/hard_examples.py,
+    #   airbench96_faster's proxy-ranked half batches) for 70 epochs, about long-best's training time: compare the two
+    #   at equal time, not equal epochs. airbench: airbench94 alongside. Every run also scores four TTA combinations.
     local parity=(--epochs 10 --sweep "train.weight_decay=5e-4,1.33e-3;train.decay_biases=false,true;train.whiten_bias_epochs=null,3;augment.flip=random,alternate;train.precision=bf16,fp16")
     local best=(--best-of "$OUT/parity.json" --epochs 10,12 --runs 3 --first-seed 1)
     local muon_shape=(--set train.optimizer=muon --set train.batch_size=2000 --set train.warmup_fraction=0.01
@@ -99,6 +101,8 @@ run() {
     local long=(--profile cifar10-long --best-of "$OUT/parity.json" --epochs 40 --sweep "augment.crop_padding=2,4")
     local long_best=(--profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json" --epochs 40
                      --runs 2 --first-seed 1)
+    local long_hard=(--profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json"
+                     --set train.keep_hardest=0.5 --epochs 70 --runs 2 --first-seed 1)
     local airbench=(--skip-recipe --runs 3 --airbench-trainers train94)
     if [ -n "${SMOKE:-}" ]; then
         local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0)
@@ -111,6 +115,8 @@ run() {
         long=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --epochs 1 --sweep "augment.crop_padding=2,4")
         long_best=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json"
                    --epochs 1 --runs 1)
+        long_hard=("${tiny[@]}" --profile cifar10-long --best-of "$OUT/parity.json" --best-of "$OUT/long.json"
+                   --set train.keep_hardest=0.5 --epochs 2 --runs 1)
         airbench=(--skip-recipe --runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
     fi
     section() {  # section NAME SHARE_OF_WHAT_IS_LEFT(%) COMMAND...: runs COMMAND under that time limit, tee'd to $OUT
@@ -124,15 +130,16 @@ run() {
     rm -f /tmp/kiln-cifar-*.npz
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
     # Estimated on the H200 (the first section also decodes the JPEGs, ~20 s): parity ~190 s, best ~40, muon ~45,
-    # muon-best ~35, long ~65, long-best ~65, airbench ~40; a section cut short leaves --best-of undecided on what it
-    # did not complete.
+    # muon-best ~35, long ~65, long-best ~65, long-hard ~40 (guessed), airbench ~40: more than the budget, so the
+    # last sections get what is left; a section cut short leaves --best-of undecided on what it did not complete.
     local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section
     section parity 45 "${speed[@]}" "${cached[@]}" --skip-recipe "${parity[@]}" --json-out "$OUT/parity.json"
     section best 20 "${speed[@]}" "${cached[@]}" "${best[@]}" --json-out "$OUT/best.json"
     section muon 20 "${speed[@]}" "${cached[@]}" --skip-recipe "${muon[@]}" --json-out "$OUT/muon.json"
     section muon-best 20 "${speed[@]}" "${cached[@]}" "${muon_best[@]}" --json-out "$OUT/muon-best.json"
     section long 40 "${speed[@]}" "${cached[@]}" --skip-recipe "${long[@]}" --json-out "$OUT/long.json"
-    section long-best 70 "${speed[@]}" "${cached[@]}" "${long_best[@]}" --json-out "$OUT/long-best.json"
+    section long-best 60 "${speed[@]}" "${cached[@]}" "${long_best[@]}" --json-out "$OUT/long-best.json"
+    section long-hard 60 "${speed[@]}" "${cached[@]}" "${long_hard[@]}" --json-out "$OUT/long-hard.json"
     section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
     # The device tool returns the end of the output and a few files: the summary last, everything else in one archive.
     "$PYTHON" benchmarks/device_summary.py "$OUT" >"$OUT/summary.txt" 2>&1 || true

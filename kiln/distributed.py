@@ -30,6 +30,7 @@ import torch
 
 from kiln.config import TrainConfig
 from kiln.errors import ConfigError, KilnError
+from kiln.hard_examples import ONE_PROCESS_ONLY
 from kiln.training import Distributed, EpochCallback, TrainingResult, resolve_runtime, run_training
 
 LOGGER = logging.getLogger("kiln")
@@ -57,6 +58,8 @@ def launch_training(
     gpus = torch.cuda.device_count()
     if config.device != "cpu" and gpus and processes > gpus:
         raise ConfigError(f"train.devices={processes} but only {gpus} GPU(s) are visible; set train.devices=auto")
+    if processes > 1 and config.keep_hardest is not None:
+        raise ConfigError(ONE_PROCESS_ONLY)
     if config.batch_size % processes:
         raise ConfigError(
             f"train.batch_size={config.batch_size} is the global batch and must divide evenly among {processes} "

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import NORMALIZED_CONV_MODELS, TrainConfig
 from kiln.errors import ConfigError
+from kiln.hard_examples import ONE_PROCESS_ONLY
 from kiln.muon import Muon
 from kiln.runtime.preprocess import Preprocessing
 
@@ -306,9 +307,11 @@ def fit(
     ranks, and only rank 0 writes the checkpoint, scores the validation set and calls `on_epoch`.
 
     `validation_set` (held out from the training split, never the test split) is scored after every epoch.
-    With train.ema_decay set, `model` ends holding the averaged weights. Returns the per-epoch history (train
-    loss/accuracy, validation accuracy, lr, throughput, data path). `initialise=False` skips a fresh model's
-    data-dependent set-up (`prepare`): for continuing to train a trained model, e.g. fine-tuning after pruning.
+    With train.keep_hardest, each step trains on the share of its batch that a small proxy network, learning
+    alongside, ranks hardest (kiln/hard_examples.py). With train.ema_decay set, `model` ends holding the averaged
+    weights. Returns the per-epoch history (train loss/accuracy, validation accuracy, lr, throughput, data path).
+    `initialise=False` skips a fresh model's data-dependent set-up (`prepare`): for continuing to train a trained
+    model, e.g. fine-tuning after pruning.
 
     On CUDA, cuDNN times its convolution algorithms on the first batch and keeps the fastest (every training batch
     has the same shape: full batches only); the setting is restored afterwards.
@@ -333,6 +336,7 @@ def fit(
     average = _weight_average(model, config)
     total_steps = config.epochs * len(batches)
     lookahead = _lookahead(model, config, total_steps)
+    selector = _hard_example_selector(train_set, prep, config, runtime, total_steps, channels_last, distributed)
     history: list[dict[str, Any]] = []
     start_epoch = 1
     if resuming:
@@ -346,12 +350,14 @@ def fit(
             average.load_state_dict(state["average"])
         if lookahead is not None:
             lookahead.load_state_dict(state["lookahead"])
+        if selector is not None:
+            selector.load_state_dict(state["selector"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
         LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
     with cudnn_autotuned(runtime.device):
-        step = _compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
+        step = compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
         writer = distributed is None or distributed.is_writer
         evaluated = average.module if average is not None else model
         last_saved = time.perf_counter()
@@ -363,6 +369,8 @@ def fit(
             correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
             seen = 0
             for inputs, labels in batches.epoch(generator, epoch):
+                if selector is not None:
+                    inputs, labels = selector.select(inputs, labels)
                 with runtime.autocast():
                     logits = step(inputs)
                     loss = objective.loss(inputs, logits.float(), labels)
@@ -399,9 +407,8 @@ def fit(
             history.append(row)
             if writer:
                 if epoch == config.epochs or time.perf_counter() - last_saved >= config.checkpoint_interval_s:
-                    _save_checkpoint(
-                        checkpoint_path, model, optimizer, scheduler, generator, epoch, history, average, lookahead
-                    )
+                    _save_checkpoint(checkpoint_path, model, optimizer, scheduler, generator, epoch, history,
+                                     average, lookahead, selector)  # fmt: skip
                     last_saved = time.perf_counter()
                 if on_epoch is not None:
                     on_epoch(row)
@@ -521,7 +528,7 @@ def training_batches(train_set: AugmentedImages, prep: Preprocessing, config: Tr
     return _LoaderBatches(train_set, prep, config, runtime, channels_last, shard)
 
 
-def _compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_steps: int) -> Callable:
+def compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_steps: int) -> Callable:
     """The callable training steps run: the model itself, or its torch.compile'd form."""
     wanted = config.compile
     if wanted == "auto":
@@ -599,6 +606,19 @@ def _lookahead(model: nn.Module, config: TrainConfig, total_steps: int) -> Looka
                     f"{config.lookahead_steps} steps")  # fmt: skip
         return None
     return Lookahead(model, config.lookahead_steps, total_steps)
+
+
+def _hard_example_selector(train_set: AugmentedImages, prep: Preprocessing, config: TrainConfig, runtime: Runtime,
+                           total_steps: int, channels_last: bool, distributed: Distributed | None):  # fmt: skip
+    """With train.keep_hardest, the proxy that picks each batch's examples (kiln/hard_examples.py); else None."""
+    if config.keep_hardest is None:
+        return None
+    if distributed is not None:  # launch_training refuses this first; a direct caller gets the same answer
+        raise ConfigError(ONE_PROCESS_ONLY)
+    from kiln.hard_examples import build_selector
+
+    sample = _normalized_sample(train_set, prep, runtime.device, config.seed)
+    return build_selector(sample, int(train_set.labels.max()) + 1, config, runtime, total_steps, channels_last)
 
 
 def _weight_average(model: nn.Module, config: TrainConfig):
@@ -705,13 +725,14 @@ def _accuracy(model, labelled: tuple[np.ndarray, np.ndarray] | None, prep, runti
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: int, history, average=None,
-                     lookahead=None) -> None:  # fmt: skip
+                     lookahead=None, selector=None) -> None:  # fmt: skip
     """Write to a temp file, then os.replace: a crash mid-write leaves the previous checkpoint intact."""
     temporary = path.with_suffix(".tmp")
     torch.save(
         {
             **({"average": average.state_dict()} if average is not None else {}),
             **({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
+            **({"selector": selector.state_dict()} if selector is not None else {}),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

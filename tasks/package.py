@@ -203,10 +203,7 @@ def model_card(
         "## Training",
         f"- data: {info.counts['train']} training images ({training['validation_samples']} of them held out to "
         f"watch each epoch), {info.counts['test']} test images; classes: " + ", ".join(info.classes),
-        f"- {training['epochs']} epochs, optimizer {train_config['optimizer']}, peak lr {train_config['lr']}"
-        + (f" (filters: {train_config['muon_lr']})" if train_config["optimizer"] == "muon" else "") + ", "
-        f"batch {train_config['batch_size']}, on {training['device']} ({training['precision']}), "
-        f"{training['train_seconds']} s",
+        training_line(training, train_config),
         "",
         "## Evaluation (held-out test split)",
         f"- accuracy **{evaluation['accuracy']:.4f}**, macro F1 {evaluation['macro_f1']:.4f}, "
@@ -250,6 +247,19 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def training_line(training: dict[str, Any], train_config: dict[str, Any]) -> str:
+    """The model card's line on how it was trained, from the train stage's metrics and config."""
+    lr = f"peak lr {train_config['lr']}"
+    if train_config["optimizer"] == "muon":
+        lr += f" (filters: {train_config['muon_lr']})"
+    batch = f"batch {train_config['batch_size']}"
+    if train_config.get("keep_hardest"):  # absent from manifests written before the setting existed
+        share = 100 * train_config["keep_hardest"]
+        batch += f" (trained on the hardest {share:g} % of each, ranked by a proxy network)"
+    return (f"- {training['epochs']} epochs, optimizer {train_config['optimizer']}, {lr}, {batch}, on "
+            f"{training['device']} ({training['precision']}), {training['train_seconds']} s")
 
 
 def _selection_lines(metrics: dict[str, Any]) -> list[str]:

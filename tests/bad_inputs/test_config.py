@@ -17,7 +17,7 @@ from tests.bad_inputs.conftest import fails_cleanly
 TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum, muon_lr, muon_momentum, "
               "label_smoothing, validation_fraction, schedule, device, precision, num_workers, data_path, compile, "
               "ema_decay, warmup_fraction, initial_lr_fraction, final_lr_fraction, lookahead_steps, identity_init, "
-              "bias_lr_scale, decay_biases, whiten_bias_epochs, checkpoint_interval_s, devices, seed")
+              "bias_lr_scale, decay_biases, whiten_bias_epochs, keep_hardest, checkpoint_interval_s, devices, seed")
 MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
 KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
 
@@ -94,6 +94,24 @@ def test_muon_settings_out_of_range_or_on_the_wrong_model(store_root):
         "norm, which only models that normalize after every convolution tolerate (fastnet, fastnet_wide, resnet9), "
         "not simple_cnn: add --set train.optimizer=sgd (got 'muon')",
         overrides=["train.optimizer=muon"],
+    )
+
+
+def test_keep_hardest_must_be_a_share_strictly_between_0_and_1(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.keep_hardest: Input should be less than 1 (got '1')",
+        overrides=["train.keep_hardest=1"],
+    )
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.keep_hardest: Input should be greater than 0 (got '0')",
+        overrides=["train.keep_hardest=0"],
+    )
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.keep_hardest: Value error, must be a finite number, e.g. 0.001 (got 'nan')",
+        overrides=["train.keep_hardest=nan"],
     )
 
 

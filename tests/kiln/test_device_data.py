@@ -142,9 +142,10 @@ MUON = {"model": "fastnet", "optimizer": "muon", "lr": 0.05, "momentum": 0.85, "
 
 
 @pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate"),
-                                            (WHITENING_SCHEDULE, "random"), (MUON, "random")],
+                                            (WHITENING_SCHEDULE, "random"), (MUON, "random"),
+                                            ({"keep_hardest": 0.5}, "random")],
                          ids=["plain", "lookahead-alternating-flip", "fastnet-whitening-schedule",
-                              "fastnet-muon"])  # fmt: skip
+                              "fastnet-muon", "hard-examples"])  # fmt: skip
 def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
     straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
 

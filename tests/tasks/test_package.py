@@ -168,3 +168,14 @@ def test_a_dynamically_quantized_variant_ships_in_parity_over_several_batches(tm
     bundle_dir = Path(bundle_location(ref, store)[0])
     assert load_bundle(bundle_dir).manifest["chosen_variant"] == "int8_dynamic"
     assert json.loads((bundle_dir / "metrics.json").read_text())["raw_input_parity"]["samples"] == 300
+
+
+def test_the_model_card_names_the_recipes_optimizer_split_and_batch_selection():
+    training = {"epochs": 8, "device": "cuda", "precision": "bf16", "train_seconds": 2.1}
+    plain = {"optimizer": "sgd", "lr": 1.5, "batch_size": 1024}  # an older manifest: no keep_hardest key
+    assert package_module.training_line(training, plain) == (
+        "- 8 epochs, optimizer sgd, peak lr 1.5, batch 1024, on cuda (bf16), 2.1 s")
+    recipe = {"optimizer": "muon", "lr": 1.5, "muon_lr": 0.24, "batch_size": 2000, "keep_hardest": 0.5}
+    assert package_module.training_line(training, recipe) == (
+        "- 8 epochs, optimizer muon, peak lr 1.5 (filters: 0.24), batch 2000 (trained on the hardest 50 % of each, "
+        "ranked by a proxy network), on cuda (bf16), 2.1 s")
