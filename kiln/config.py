@@ -208,9 +208,10 @@ class TrainConfig(Section):
     )
     keep_hardest: float | None = Field(
         None, gt=0, lt=1, description="train on this share of each batch: the examples a small proxy network "
-        "(fastnet at 32/64/64 channels, learning alongside from every 4th batch) finds hardest, as airbench96_faster "
-        "does to reach its accuracy in about 20 % less time (kiln/hard_examples.py); train loss and accuracy are then "
-        "those of the kept examples; one process only",
+        "(fastnet at 32/64/64 channels, learning alongside from every 4th batch with this recipe's optimizer "
+        "settings, so they should suit a fastnet) finds hardest, as airbench96_faster does to reach its accuracy in "
+        "about 20 % less time (kiln/hard_examples.py); train loss, accuracy and img/s are then those of the kept "
+        "examples; one process only; compression's fine-tuning and distillation train without it",
     )
     checkpoint_interval_s: float = Field(
         0.0, ge=0, description="seconds between checkpoints (one is always written after the last epoch); 0: after "

@@ -5,10 +5,14 @@ network of a few percent of the main one's arithmetic sees every batch, and the 
 backward pass only on the share of the batch the proxy finds hardest (highest loss). Late in a long run most
 examples are already fitted, so their gradients add little; skipping them halves the main network's work per
 step. The proxy learns alongside, from its own hardest examples of every 4th batch, so its ranking keeps up.
+Both losses are taken at the full batch's scale (summed over the kept examples, divided by the batch size), as
+airbench sums them under a learning rate set per full batch: each kept example moves the weights as much as it
+would in a full-batch step, so a recipe's lr and weight decay keep their meaning.
 
 Written from that description; no code copied. The proxy is a FastNet whatever the main model (its ranking only
-needs the images and labels), trained with the main recipe's optimizer settings and schedule and kept in training
-mode. Its state is part of fit's checkpoint, so a resumed run ranks exactly as an uninterrupted one.
+needs the images and labels), with its own random start and its whitening bias frozen, trained with the main
+recipe's optimizer settings and schedule (so they should suit a fastnet, as the cifar10 profiles' do) and kept in
+training mode. Its state is part of fit's checkpoint, so a resumed run ranks exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROXY_WIDTHS = (32, 64, 64)  # airbench96_faster's proxy: 1/64 of fastnet_wide's arithmetic
+PROXY_WIDTHS = (32, 64, 64)  # airbench96_faster's proxy: about 1/40 of fastnet_wide's arithmetic, 1/7 of fastnet's
 PROXY_TRAIN_INTERVAL = 4  # the proxy learns from every 4th batch: its ranking needs no more, and it stays cheap
 ONE_PROCESS_ONLY = (
     "train.keep_hardest trains in one process only (each data-parallel process would rank just its own part of the "
@@ -53,7 +57,7 @@ class HardExampleSelector:
         kept = losses.detach().topk(kept_count(len(labels), self.keep_fraction), sorted=False).indices.sort().values
         if learn:
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses[kept].mean()).backward()
+            self.scaler.scale(losses[kept].sum() / len(labels)).backward()  # at full-batch scale: see the module doc
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.scheduler.step()  # every batch, so the proxy's lr follows the main run's schedule
@@ -88,12 +92,16 @@ def build_selector(sample: torch.Tensor, num_classes: int, config: Any, runtime:
     from kiln.training import compiled, make_optimizer, make_scheduler
 
     _, channels, height, width = sample.shape
-    proxy = FastNet(channels, height, width, num_classes, widths=PROXY_WIDTHS).to(runtime.device)
+    with torch.random.fork_rng(devices=[]):  # a start of its own, not a copy of the main model's first filters
+        torch.manual_seed(config.seed + 1)
+        proxy = FastNet(channels, height, width, num_classes, widths=PROXY_WIDTHS)
+    proxy.to(runtime.device)
     if channels_last:
         proxy.to(memory_format=torch.channels_last)
     if config.identity_init:
         proxy.identity_init()
     proxy.prepare(sample)
+    proxy.whitening_bias().requires_grad_(False)  # as airbench's proxy: the data-derived centring is enough to rank
     proxy.train()
     optimizer = make_optimizer(proxy, config, fused=runtime.device.type == "cuda")
     scheduler = make_scheduler(optimizer, config, total_steps)

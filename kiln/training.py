@@ -369,13 +369,16 @@ def fit(
             correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
             seen = 0
             for inputs, labels in batches.epoch(generator, epoch):
+                share = 1.0
                 if selector is not None:
+                    offered = len(labels)
                     inputs, labels = selector.select(inputs, labels)
+                    share = len(labels) / offered  # the kept examples' loss at full-batch scale (hard_examples.py)
                 with runtime.autocast():
                     logits = step(inputs)
                     loss = objective.loss(inputs, logits.float(), labels)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(loss if selector is None else loss * share).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()

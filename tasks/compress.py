@@ -249,7 +249,8 @@ class _Builder:
     def _distill(self) -> nn.Module:
         config = self.config
         student, description = build_student(self.spec, config.distill_student, config.distill_width, self.recipe.seed)
-        recipe = self.recipe.model_copy(update={"epochs": config.distill_epochs})
+        # No keep_hardest: the proxy ranks by the labels' loss, while the student learns mostly from the teacher.
+        recipe = self.recipe.model_copy(update={"epochs": config.distill_epochs, "keep_hardest": None})
         history = distill(
             self.teacher,
             student,

@@ -21,12 +21,13 @@ from tests.conftest import make_blobs_dataset
 CPU_FP32 = resolve_runtime("cpu", "fp32")
 
 
+SAMPLE = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # normalized "training images"
+
+
 def selector_for(keep_hardest: float = 0.25, total_steps: int = 20, **settings):
-    torch.manual_seed(0)
-    sample = torch.randn(64, 3, 8, 8)
     config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.05, momentum=0.85, label_smoothing=0.2,
                          keep_hardest=keep_hardest, **settings)  # fmt: skip
-    return build_selector(sample, 3, config, CPU_FP32, total_steps, channels_last=False)
+    return build_selector(SAMPLE, 3, config, CPU_FP32, total_steps, channels_last=False)
 
 
 def batch(seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +46,48 @@ def test_the_kept_examples_are_those_the_proxy_finds_hardest_in_batch_order():
     hardest = losses.argsort(descending=True)[:4].sort().values
     assert kept_inputs.shape == (4, 3, 8, 8)
     assert torch.equal(kept_inputs, inputs[hardest]) and torch.equal(kept_labels, labels[hardest])
+
+
+def test_the_proxy_learns_from_its_kept_examples_at_the_full_batchs_scale():
+    selector = selector_for(keep_hardest=0.25)
+    inputs, labels = batch(0)
+    proxy_before = copy.deepcopy(selector.proxy)
+
+    selector.select(inputs, labels)  # step 0: the proxy learns; its gradients stay on its parameters
+
+    losses = F.cross_entropy(proxy_before(inputs), labels, label_smoothing=0.2, reduction="none")
+    hardest = losses.argsort(descending=True)[:4]
+    (losses[hardest].sum() / len(labels)).backward()
+    assert torch.allclose(selector.proxy.head.weight.grad, proxy_before.head.weight.grad, atol=1e-7)
+    assert not selector.proxy.whiten.bias.requires_grad  # frozen, as airbench's proxy: not trained, not decayed
+
+
+def test_the_proxy_starts_from_its_own_draw_and_leaves_the_callers_random_stream_alone():
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    main_model = build_model(ModelSpec("fastnet", (8, 8, 3), 3))  # seeded as fit seeds it
+    torch.manual_seed(0)
+    first = selector_for()
+    assert torch.equal(torch.rand(3), expected_next)
+    second = selector_for()
+    for name, tensor in first.proxy.state_dict().items():
+        assert torch.equal(tensor, second.proxy.state_dict()[name]), name  # repeatable
+    first_filters = first.proxy.features[1][0].weight  # the first group's 3x3 convolution
+    assert not torch.equal(first_filters, main_model.features[1][0].weight[: len(first_filters)])
+
+
+def test_a_restored_selector_ranks_and_learns_as_the_original_would_have():
+    original = selector_for()
+    for step in range(6):  # not a multiple of the proxy's interval: the step count must be restored too
+        original.select(*batch(step))
+    restored = selector_for()
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))
+    for step in range(6, 12):
+        kept, _ = original.select(*batch(step))
+        assert torch.equal(restored.select(*batch(step))[0], kept)
+    for name, tensor in original.proxy.state_dict().items():
+        assert torch.equal(tensor, restored.proxy.state_dict()[name]), name
 
 
 def test_the_proxy_learns_from_every_fourth_batch_only_and_follows_the_schedule():
@@ -78,7 +121,8 @@ def test_kept_count_is_a_share_of_the_batch_and_at_least_one():
     assert kept_count(1024, 0.5) == 512 and kept_count(10, 0.25) == 2 and kept_count(3, 0.01) == 1
 
 
-def _fit(tmp_path, name: str, keep_hardest: float | None, seen_batches: list[int] | None = None, **settings):
+def _fit(tmp_path, name: str, keep_hardest: float | None, seen_batches: list[int] | None = None, distributed=None,
+         **settings):  # fmt: skip
     data = make_blobs_dataset(classes=3, per_class_train=32, size=8)
     spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=1), data.train_images.shape[1:])
     train_set = AugmentedImages(data.train_images, data.train_labels, build_transform(spec), spec)
@@ -90,7 +134,7 @@ def _fit(tmp_path, name: str, keep_hardest: float | None, seen_batches: list[int
         model.register_forward_pre_hook(lambda module, args: seen_batches.append(len(args[0])) if module.training
                                         else None)  # fmt: skip
     prep = Preprocessing(8, 8, 3, (0.4,) * 3, (0.25,) * 3)
-    return fit(model, train_set, None, prep, config, CPU_FP32, tmp_path / f"{name}.pt")
+    return fit(model, train_set, None, prep, config, CPU_FP32, tmp_path / f"{name}.pt", distributed=distributed)
 
 
 def test_fit_trains_the_model_on_the_kept_share_of_every_batch_and_repeats_from_its_seed(tmp_path):
@@ -103,6 +147,27 @@ def test_fit_trains_the_model_on_the_kept_share_of_every_batch_and_repeats_from_
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [row["train_loss"] for row in repeat] == [row["train_loss"] for row in history]
     assert [row["train_loss"] for row in plain] != [row["train_loss"] for row in history]
+
+
+def test_the_models_loss_is_taken_at_the_full_batchs_scale(tmp_path, monkeypatch):
+    """A selector that keeps every example twice (share 2) must train as plain SGD at twice the lr: the loss of
+    the kept examples is scaled by len(kept) / len(batch). No momentum, decay or BatchNorm (simple_cnn), so that
+    is exact up to float rounding."""
+    from kiln.hard_examples import HardExampleSelector
+
+    monkeypatch.setattr(HardExampleSelector, "select", lambda self, inputs, labels: (torch.cat([inputs, inputs]),
+                                                                                      torch.cat([labels, labels])))
+    sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "lr": 0.01}
+    doubled = _fit(tmp_path, "doubled", 0.5, **sgd)
+    plain = _fit(tmp_path, "plain", None, **{**sgd, "lr": 0.02})
+    assert [row["train_loss"] for row in doubled] == pytest.approx([row["train_loss"] for row in plain], rel=1e-4)
+
+
+def test_fit_refuses_a_data_parallel_run_itself(tmp_path):
+    from kiln.training import Distributed
+
+    with pytest.raises(ConfigError, match="keep_hardest trains in one process only"):
+        _fit(tmp_path, "ddp", 0.5, distributed=Distributed(rank=0, world_size=2))
 
 
 def test_fine_tuning_after_pruning_drops_the_proxy(tmp_path, monkeypatch):
