@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import itertools
 import json
 import os
 import platform
@@ -49,7 +48,7 @@ from kiln.runtime.preprocess import Preprocessing  # noqa: E402
 from kiln.training import (  # noqa: E402
     AugmentedImages, Runtime, cudnn_autotuned, fit, make_optimizer, predict_probabilities, resolve_runtime,
 )
-from sweep_choice import best_settings  # noqa: E402  (benchmarks/, the script's own folder)
+from sweep_choice import best_settings, grid_combinations  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def main(argv: list[str]) -> None:
@@ -107,7 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--first-seed", type=int, default=0, help="the recipe's runs use seeds first..first+runs-1: "
                         "seeds a --best-of sweep did not choose on, for a fair measure of its winner")  # fmt: skip
     parser.add_argument("--warmup-epochs", type=int, default=1,
-                        help="length of the unreported warm-up run before the recipe's runs; 0: the full recipe")
+                        help="length of the unreported warm-up run before the recipe's runs; 0: none")
     parser.add_argument("--max-train", type=int)
     parser.add_argument("--max-test", type=int)
     parser.add_argument("--skip-feed", action="store_true")
@@ -116,13 +115,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "per combination at the first --epochs: 'train.lr=0.4,0.8;train.weight_decay=5e-5,5e-6' "
                         "(repeatable)")  # fmt: skip
     parser.add_argument("--sweep-seeds", type=_positive_int, default=1, help="seeds 0..N-1 for each combination")
+    parser.add_argument("--sweep-fraction", default="full", choices=["full", "half"], help="half: of a grid of 3 or "
+                        "more two-value keys, the balanced half (sweep_choice.grid_combinations); --best-of then "
+                        "decides each key on all its runs")  # fmt: skip
     parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
                         "key it varied, the value with the highest mean accuracy with TTA is added to --set "
                         "(repeatable)")  # fmt: skip
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for grid in args.sweep:
+        try:
+            grid_combinations(grid, half=args.sweep_fraction == "half")
+        except ValueError as error:
+            parser.error(f"--sweep {';'.join(key for key, _ in grid)}: {error}")
+    return args
 
 
 def _grid(text: str) -> list[tuple[str, list[str]]]:
@@ -283,15 +291,17 @@ def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
 
 def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[tuple[str, list[str]]],
                     rows: list[dict], save: Callable[[], None]) -> None:
-    """Runs of the profile with seeds 0..--sweep-seeds-1 for every combination of a grid's values (see `_grid`),
-    seeds innermost, so that a sweep cut short has compared whole combinations. Each run is appended to `rows` and
-    saved as it ends."""
+    """Runs of the profile with seeds 0..--sweep-seeds-1 for every combination of a grid's values (see `_grid`; with
+    --sweep-fraction half, the balanced half of them), seeds innermost, so that a sweep cut short has compared whole
+    combinations. Each run is appended to `rows` and saved as it ends."""
     grid = ";".join(f"{key}={','.join(values)}" for key, values in axes)
     base = list(args.overrides) + ([f"train.epochs={args.epochs[0]}"] if args.epochs else [])
     seeds = range(args.sweep_seeds)
-    print(f"\n## sweep over {grid} (profile {args.profile}, {' '.join(base) or 'as is'}, seeds 0-{seeds[-1]})")
+    half = args.sweep_fraction == "half"
+    print(f"\n## sweep over {grid}{' (the balanced half)' if half else ''} (profile {args.profile}, "
+          f"{' '.join(base) or 'as is'}, seeds 0-{seeds[-1]})")  # fmt: skip
     print("| settings | seed | training s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
-    for values in itertools.product(*(values for _, values in axes)):
+    for values in grid_combinations(axes, half):
         settings = [f"{key}={value}" for (key, _), value in zip(axes, values)]
         config = load_config(args.profile, overrides=base + settings)
         for seed in seeds:

@@ -1,0 +1,90 @@
+"""The device plan's decisions: which swept value `train_speed.py --best-of` carries forward, on full and half grids."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    "sweep_choice", Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_choice.py"
+)
+sweep_choice = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(sweep_choice)
+
+PARITY = [  # the device plan's parity grid
+    ("train.weight_decay", ["5e-4", "1.33e-3"]),
+    ("train.decay_biases", ["false", "true"]),
+    ("train.whiten_bias_epochs", ["null", "3"]),
+    ("augment.flip", ["random", "alternate"]),
+    ("train.precision", ["bf16", "fp16"]),
+]
+# What each setting's second value adds to the accuracy, and one interaction, in the made-up reports below.
+EFFECTS = {"train.weight_decay": 0.004, "train.decay_biases": -0.002, "train.whiten_bias_epochs": 0.001,
+           "augment.flip": 0.003, "train.precision": -0.001}  # fmt: skip
+
+
+def accuracy(settings: dict[str, str]) -> float:
+    second = {key: settings[key] == values[1] for key, values in PARITY}
+    interaction = 0.0015 if second["train.weight_decay"] and second["train.decay_biases"] else 0.0
+    return 0.90 + sum(EFFECTS[key] for key, on in second.items() if on) + interaction
+
+
+def write_report(folder: Path, combinations: list[tuple[str, ...]], seeds: int = 1) -> Path:
+    rows = []
+    for values, seed in itertools.product(combinations, range(seeds)):
+        settings = dict(zip((key for key, _ in PARITY), values))
+        rows.append({"settings": [f"{key}={value}" for key, value in settings.items()], "seed": seed,
+                     "accuracy_tta": accuracy(settings) + 0.0001 * seed})  # fmt: skip
+    report = folder / "parity.json"
+    report.write_text(json.dumps({"grids": [{key: values for key, values in PARITY}], "sweep": rows}))
+    return report
+
+
+def expected_choices() -> list[str]:
+    # The interaction (+0.0015 when both are on) is less than decay_biases' own -0.002, and averaging over a
+    # balanced design halves it: decay_biases stays off.
+    return [f"{key}={values[1] if EFFECTS[key] > 0 else values[0]}" for key, values in PARITY]
+
+
+def test_half_fraction_is_half_the_grid_and_balanced_in_every_pair():
+    half = sweep_choice.grid_combinations(PARITY, half=True)
+    assert len(half) == 16 and len(set(half)) == 16
+    assert set(half) <= set(sweep_choice.grid_combinations(PARITY))
+    for first, second in itertools.combinations(range(len(PARITY)), 2):
+        pairs = Counter((values[first], values[second]) for values in half)
+        assert len(pairs) == 4 and set(pairs.values()) == {4}, (PARITY[first][0], PARITY[second][0])
+    # Any two runs differ in an even number of settings: the fraction has no one-setting comparisons (complete
+    # blocks) at all, so best_settings must decide on the balance alone.
+    for one, other in itertools.combinations(half, 2):
+        assert sum(a != b for a, b in zip(one, other)) % 2 == 0
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["full grid", "half fraction"])
+def test_best_settings_recovers_each_settings_better_value(tmp_path, half):
+    report = write_report(tmp_path, sweep_choice.grid_combinations(PARITY, half=half), seeds=2)
+    assert sweep_choice.best_settings(report) == expected_choices()
+
+
+def test_a_half_fraction_cut_short_decides_nothing(tmp_path, capsys):
+    half = sweep_choice.grid_combinations(PARITY, half=True)
+    assert sweep_choice.best_settings(write_report(tmp_path, half[:-1])) == []
+    assert capsys.readouterr().out.count("no decision") == len(PARITY)
+
+
+def test_a_full_grid_cut_short_still_decides_on_its_complete_blocks(tmp_path):
+    full = sweep_choice.grid_combinations(PARITY)
+    # The first 16 runs share weight_decay's first value: it alone is undecided.
+    chosen = sweep_choice.best_settings(write_report(tmp_path, full[:16]))
+    assert chosen == [choice for choice in expected_choices() if not choice.startswith("train.weight_decay")]
+
+
+@pytest.mark.parametrize("axes", [PARITY[:2], [*PARITY[:2], ("train.lr", ["0.5", "1", "2"])]],
+                         ids=["two keys", "three values"])  # fmt: skip
+def test_a_half_fraction_refuses_grids_it_cannot_balance(axes):
+    with pytest.raises(ValueError, match="run the full grid instead"):
+        sweep_choice.grid_combinations(axes, half=True)
