@@ -18,16 +18,22 @@ from kiln.errors import ConfigError
 POLICY_SPEC_VERSION = 1
 class Cutout(torch.nn.Module):
     """Fill a `size` x `size` square at a random centre (clipped at the border) with `fill` (DeVries & Taylor,
-    2017), on one uint8 CHW image. `fill` is the dataset's mean colour, which normalization maps to zero."""
+    2017), on one uint8 CHW image; with `inside`, at a random place wholly inside the image (airbench96).
+    `fill` is the dataset's mean colour, which normalization maps to zero."""
 
-    def __init__(self, size: int, fill: list[int]):
+    def __init__(self, size: int, fill: list[int], inside: bool = False):
         super().__init__()
-        self.size, self.fill = int(size), torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1)
+        self.size, self.inside = int(size), bool(inside)
+        self.fill = torch.tensor(fill, dtype=torch.uint8).view(-1, 1, 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
-        top = int(torch.randint(0, height, (1,))) - self.size // 2
-        left = int(torch.randint(0, width, (1,))) - self.size // 2
+        if self.inside:
+            top = int(torch.randint(0, max(height - self.size, 0) + 1, (1,)))
+            left = int(torch.randint(0, max(width - self.size, 0) + 1, (1,)))
+        else:
+            top = int(torch.randint(0, height, (1,))) - self.size // 2
+            left = int(torch.randint(0, width, (1,))) - self.size // 2
         out = image.clone()
         out[..., max(top, 0) : max(top + self.size, 0), max(left, 0) : max(left + self.size, 0)] = self.fill
         return out
@@ -62,7 +68,8 @@ def resolve_policy(
         ops.append({**flip, "alternate": True} if config.flip == "alternate" else flip)
     if config.cutout > 0 and policy != "none":
         mean = channel_mean if channel_mean is not None else [0.5] * channels
-        ops.append({"op": "Cutout", "size": config.cutout, "fill": [int(round(255 * value)) for value in mean]})
+        cutout = {"op": "Cutout", "size": config.cutout, "fill": [int(round(255 * value)) for value in mean]}
+        ops.append({**cutout, "inside": True} if config.cutout_inside else cutout)  # specs as before, unless inside
     return {"version": POLICY_SPEC_VERSION, "policy": policy, "image_shape": list(image_shape), "ops": ops}
 
 

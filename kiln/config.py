@@ -32,9 +32,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
     # Settings that change how a stage runs but never what it writes; left out of the stage's content key.
     not_in_key: ClassVar[frozenset[str]] = frozenset()
+    # Settings added after stores were written, each with the value that behaves as kiln did before it existed: at
+    # that value it is left out of the key, so upgrading kiln does not re-run stages whose settings did not change.
+    # The value is fixed here, not read from the field's default, so a later change of default is still keyed.
+    same_as_before: ClassVar[dict[str, Any]] = {}
 
     def key_fields(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude=set(self.not_in_key))
+        fields = self.model_dump(mode="json", exclude=set(self.not_in_key))
+        return {name: value for name, value in fields.items()
+                if name not in self.same_as_before or value != self.same_as_before[name]}  # fmt: skip
 
 
 class DataConfig(Section):
@@ -118,6 +124,10 @@ class AugmentConfig(Section):
     cutout: int = Field(
         0, ge=0, description="side in pixels of a random square filled with the mean colour (Cutout); 0: off",
     )
+    cutout_inside: bool = Field(
+        False, description="place Cutout's square wholly inside the image (airbench96); false: centred anywhere and "
+        "clipped at the border (DeVries & Taylor), which covers less on average",
+    )
     flip: Literal["random", "alternate"] = Field(
         "random", description="crop_flip's flips. alternate: each training image is mirrored in every other epoch "
         "(which epochs is random per image), so every two epochs see both orientations (airbench); on the device "
@@ -125,6 +135,15 @@ class AugmentConfig(Section):
     )
     preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
     seed: int = Field(0, description="for the preview only; training draws from train.seed")
+
+    same_as_before = {"cutout_inside": False}
+
+    @field_validator("cutout_inside")
+    @classmethod
+    def _inside_needs_cutout(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("cutout"):
+            raise ValueError("places Cutout's square, but augment.cutout is 0 (off): set augment.cutout to its side")
+        return value
 
     @field_validator("flip")
     @classmethod

@@ -41,6 +41,7 @@ class _Cutout:
     size: int
     fill: torch.Tensor  # uint8 [1, C, 1, 1] on the device: made once, as a copy from the host per batch would wait
     # for the GPU to finish its queued work
+    inside: bool = False  # the square wholly inside the image (augment.cutout_inside), else centred anywhere
 
 
 class DeviceBatches:
@@ -103,7 +104,11 @@ class DeviceBatches:
             draws["flip"] = self.odd_epoch_flips[draws["order"]] ^ (number % 2 == 0)
         elif self.flip_probability > 0:
             draws["flip"] = torch.rand(count, generator=generator) < self.flip_probability
-        if self.cutout is not None:
+        if self.cutout is not None and self.cutout.inside:  # centres that keep the whole square on the image
+            low, size = self.cutout.size // 2, self.cutout.size
+            draws["cy"] = low + torch.randint(0, max(self.height - size, 0) + 1, (count,), generator=generator)
+            draws["cx"] = low + torch.randint(0, max(self.width - size, 0) + 1, (count,), generator=generator)
+        elif self.cutout is not None:
             draws["cy"] = torch.randint(0, self.height, (count,), generator=generator)
             draws["cx"] = torch.randint(0, self.width, (count,), generator=generator)
         return {name: values.to(self.device, non_blocking=True) for name, values in draws.items()}
@@ -158,7 +163,7 @@ def _parse_policy(policy: dict[str, Any], device: torch.device) -> tuple[_Crop |
             flip = float(op.get("p", 0.5))
         elif op["op"] == "Cutout":
             fill = torch.tensor([int(value) for value in op["fill"]], dtype=torch.uint8, device=device)
-            cutout = _Cutout(int(op["size"]), fill.view(1, -1, 1, 1))
+            cutout = _Cutout(int(op["size"]), fill.view(1, -1, 1, 1), bool(op.get("inside", False)))
     return crop, flip, cutout
 
 

@@ -45,7 +45,11 @@ PREPARE_CHUNK = 512  # images per step when accumulating patch statistics: bound
 
 def _norm(channels: int, momentum: float) -> nn.BatchNorm2d:
     """BatchNorm whose scale is frozen at 1: with a following GELU and a scale-invariant next layer the scale adds
-    nothing to learn, and freezing it removes a parameter group from a very short optimisation."""
+    nothing to learn, and freezing it removes a parameter group from a very short optimisation.
+
+    `momentum` is torch's: the newest batch's weight in the running statistics. airbench's 0.6 is the running
+    value's weight (it passes 1 - 0.6 to torch), so its setting is FastNet's default of 0.4; kiln used 0.6 in
+    torch's sense until 2026-11-26 (an inverted reading), which weighted the last batch more than airbench does."""
     norm = nn.BatchNorm2d(channels, momentum=momentum)
     norm.weight.requires_grad_(False)
     return norm
@@ -115,7 +119,7 @@ class FastNet(nn.Module):
         num_classes: int,
         widths: Sequence[int] = (64, 256, 256),
         head_scale: float = 1 / 9,
-        norm_momentum: float = 0.6,
+        norm_momentum: float = 0.4,
         whitening_eps: float = 5e-4,
         depth: int = 2,
     ):

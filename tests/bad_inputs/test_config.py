@@ -172,6 +172,15 @@ def test_an_alternating_flip_without_flips(store_root):
     )  # fmt: skip
 
 
+def test_cutout_placement_without_cutout(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  augment.cutout_inside: Value error, places Cutout's square, but augment.cutout is 0 "
+        "(off): set augment.cutout to its side (got 'true')",
+        overrides=["augment.cutout_inside=true"],
+    )  # fmt: skip
+
+
 # --- through the `kiln` command -----------------------------------------------------------------------------------
 def kiln_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`kiln run ARGS` in a fresh folder with a private Prefect home, as a user would type it."""

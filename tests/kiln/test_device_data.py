@@ -72,6 +72,48 @@ def test_flip_and_cutout_do_what_the_policy_says():
         assert np.array_equal(output[untouched], flipped[untouched])
 
 
+def filled_squares(outputs: np.ndarray, originals: np.ndarray, fill) -> list[tuple[int, int, int, int]]:
+    """Per image (N, H, W, C): the filled pixels' count, and their first row, first column and bounding-box side."""
+    squares = []
+    for output, original in zip(outputs, originals):
+        rows, columns = np.nonzero(np.all(output == fill, axis=2) & np.any(original != fill, axis=2))
+        squares.append((len(rows), int(rows.min()), int(columns.min()), int(max(np.ptp(rows), np.ptp(columns))) + 1))
+    return squares
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["centred anywhere", "inside"])
+def test_cutout_inside_keeps_the_whole_square_on_the_image_on_both_paths(inside):
+    images = images_of(count=64, size=8)
+    spec = resolve_policy(AugmentConfig(policy="crop", crop_padding=0, cutout=4, cutout_inside=inside), (8, 8, 3),
+                          [1.0, 0.0, 7 / 255])  # fmt: skip
+    assert ("inside" in spec["ops"][1]) is inside  # specs written before the setting existed read as before
+    fill = [255, 0, 7]
+    prep = Preprocessing(8, 8, 3, (0.0,) * 3, (1 / 255,) * 3)  # normalization = identity on the 0..255 scale
+    batches = DeviceBatches(images, np.arange(64), spec, prep, CPU, batch_size=64)
+    [(inputs, labels)] = list(batches.epoch(torch.Generator().manual_seed(3), 1))
+    device = filled_squares(inputs.round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), images[labels.numpy()], fill)
+    torch.manual_seed(3)
+    transform = build_transform(spec)
+    per_image = filled_squares(np.stack([transform(torch.from_numpy(image).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+                                         for image in images]), images, fill)  # fmt: skip
+    for squares in (device, per_image):
+        assert all(side <= 4 for _, _, _, side in squares)
+        whole = [count == 16 for count, _, _, _ in squares]  # a random image may share a few pixels with the fill
+        if inside:
+            assert all(whole)
+            assert {top for _, top, _, _ in squares} == {0, 1, 2, 3, 4}  # every place inside, edges included
+        else:
+            assert 8 < whole.count(False) < 56  # about 3/5 of the centres put part of the square off the image
+
+
+def test_cutout_inside_needs_cutout_and_is_keyed_only_when_set():
+    with pytest.raises(ValueError, match="augment.cutout is 0"):
+        AugmentConfig(cutout_inside=True)
+    centred = AugmentConfig(cutout=12).key_fields()
+    assert "cutout_inside" not in centred  # stores written before the setting keep their augment stage's key
+    assert AugmentConfig(cutout=12, cutout_inside=True).key_fields() == {**centred, "cutout_inside": True}
+
+
 def test_an_alternating_flip_mirrors_each_image_in_every_other_epoch():
     images = images_of(count=64, size=8)
     spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=0, flip="alternate"), (8, 8, 3))

@@ -64,6 +64,23 @@ def test_the_wide_variant_has_three_convolutions_per_group_with_a_skip():
         assert torch.allclose(group(features), entry + group.body(entry))
 
 
+@pytest.mark.parametrize("family", [FastNet, FastNetWide])
+def test_running_statistics_keep_airbenchs_weight_on_the_running_value(family):
+    """airbench's BatchNorm momentum 0.6 is the running value's weight: one training batch moves the running mean
+    0.4 of the way to the batch's mean, in every norm of both widths."""
+    model = family(3, 32, 32, 10).train()
+    norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+    batch_means = []
+    hooks = [norm.register_forward_hook(lambda module, inputs, _: batch_means.append(inputs[0].mean((0, 2, 3))))
+             for norm in norms]  # fmt: skip
+    with torch.no_grad():
+        model(torch.randn(4, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    for norm, batch_mean in zip(norms, batch_means, strict=True):
+        torch.testing.assert_close(norm.running_mean, 0.4 * batch_mean)
+
+
 def test_depths_other_than_two_or_three_are_refused():
     with pytest.raises(ConfigError, match="fastnet depth must be 2 or 3"):
         FastNet(3, 32, 32, 10, depth=4)
