@@ -30,6 +30,10 @@ def main(folder: Path) -> None:
         print(f"\n## {path.stem}: --set {' '.join(report.get('overrides', [])) or '(none)'}")
         if report.get("sweep"):
             print_sweep(path, report["sweep"])
+        if report.get("fit_seconds"):
+            fit = report["fit_seconds"]
+            print(f"--fit-seconds {fit['seconds']}: {fit['probe_epoch_seconds']} s an epoch in the probe, "
+                  f"{fit['epochs']} epochs")  # fmt: skip
         for recipe in report.get("recipe", []):
             print_recipe(recipe)
         for trainer, runs in report.get("airbench", {}).items():

@@ -50,6 +50,8 @@ from kiln.training import (  # noqa: E402
 )
 from sweep_choice import best_settings, grid_combinations  # noqa: E402  (benchmarks/, the script's own folder)
 
+FIT_PROBE_EPOCHS = 3  # --fit-seconds' probe: the first epoch compiles and warms up, the last is timed
+
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
@@ -59,8 +61,8 @@ def main(argv: list[str]) -> None:
     print(f"# command: python benchmarks/train_speed.py {' '.join(argv)}")
     print(f"# data: {dataset.name}, {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
           f"{dataset.image_shape}")  # fmt: skip
-    for report in args.best_of:  # in order: a later report's settings override an earlier one's
-        args.overrides += best_settings(Path(report))
+    chosen = [setting for report in args.best_of for setting in best_settings(Path(report))]
+    args.overrides = chosen + args.overrides  # a later report's choice overrides an earlier one's; --set beats both
     results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv,
                      "overrides": args.overrides}  # fmt: skip
 
@@ -79,7 +81,11 @@ def main(argv: list[str]) -> None:
         results.setdefault("grids", []).append({key: values for key, values in grid})
         sweep_benchmark(dataset, args, grid, results.setdefault("sweep", []), save)
     if not args.skip_recipe:
-        for epochs in args.epochs or [None]:
+        lengths = list(args.epochs or ([] if args.fit_seconds else [None]))
+        if args.fit_seconds:
+            results["fit_seconds"] = epochs_within(dataset, args)
+            lengths = sorted(set(lengths) | {results["fit_seconds"]["epochs"]})
+        for epochs in lengths:
             results.setdefault("recipe", []).append(recipe_benchmark(dataset, args, epochs))
             save()
     if args.airbench:
@@ -99,9 +105,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--feed-steps", type=int, default=200, help="timed steps of the bare loop")
     parser.add_argument("--compile", default="off", choices=["on", "off"], help="for both loops of the feed test")
     parser.add_argument("--profile", default="cifar10-fast")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override the profile")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override the profile (and "
+                        "--best-of's choices)")  # fmt: skip
     parser.add_argument("--epochs", type=_int_list, help="override the profile's train.epochs; a comma-separated "
                         "list (10,30) runs the recipe at each length, shortest first")  # fmt: skip
+    parser.add_argument("--fit-seconds", type=float, help="also run the recipe at the most epochs whose training "
+                        "time fits this many seconds on this device, as predicted by a probe run's last epoch (with "
+                        "no --epochs: only then); for time targets on devices of unknown speed")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="the recipe's runs use seeds first..first+runs-1: "
                         "seeds a --best-of sweep did not choose on, for a fair measure of its winner")  # fmt: skip
@@ -119,8 +129,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "more two-value keys, the balanced half (sweep_choice.grid_combinations); --best-of then "
                         "decides each key on all its runs")  # fmt: skip
     parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
-                        "key it varied, the value with the highest mean accuracy with TTA is added to --set "
-                        "(repeatable)")  # fmt: skip
+                        "key it varied, the value with the highest mean accuracy with TTA overrides the profile, "
+                        "unless --set sets that key (repeatable)")  # fmt: skip
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -283,6 +293,18 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     return {"profile": args.profile, "epochs": config.train.epochs, "runs": rows, "summary": summary}
 
 
+def epochs_within(dataset: ImageDataset, args: argparse.Namespace) -> dict:
+    """The most epochs of the recipe (at least 1) whose training --fit-seconds allows, at the time per epoch of the
+    last epoch of an unreported probe run: its first epoch compiles, times cuDNN's algorithms and fills caches."""
+    config = load_config(args.profile, overrides=args.overrides)
+    probe = train_once(dataset, config, seed=0, epochs=FIT_PROBE_EPOCHS, evaluate=False)
+    epoch_seconds = probe["epoch_seconds"][-1]
+    epochs = max(1, int(args.fit_seconds / epoch_seconds))
+    print(f"\n# --fit-seconds {args.fit_seconds:g}: {epoch_seconds:.3f} s an epoch in the probe's last epoch, so "
+          f"{epochs} epochs", flush=True)  # fmt: skip
+    return {"seconds": args.fit_seconds, "probe_epoch_seconds": epoch_seconds, "epochs": epochs}
+
+
 def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
     """A short unreported run first: the first CUDA use and cuDNN's algorithm choices are not timed."""
     if args.warmup_epochs:
@@ -329,7 +351,7 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
         synchronize(runtime)
         wall = time.perf_counter() - started
     row = {"seed": seed, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
-           "data_path": history[-1]["data_path"]}  # fmt: skip
+           "epoch_seconds": [row["seconds"] for row in history], "data_path": history[-1]["data_path"]}  # fmt: skip
     if evaluate:
         row["accuracy"] = accuracy(model, dataset, prep, runtime, "none")
         tta = config.evaluate.tta
