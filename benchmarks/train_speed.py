@@ -372,8 +372,9 @@ def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Run
     kiln's (evaluate.tta=flip_translate: the shifted images and the shifted mirrors) and airbench's (the shifted
     images and their mirrors: for the mirror, the other diagonal). Each combined as a plain mean of probabilities
     (kiln's `kiln_probs` must equal accuracy_tta) and as airbench's weighted mean of logits (unshifted views 1/4
-    each, shifted 1/8: `airbench_logits_wtd` is airbench's own TTA). Log-probabilities stand in for logits: per view
-    they differ by a constant across classes, so a weighted sum has the same argmax."""
+    each, shifted 1/8: `airbench_logits_wtd` is airbench's own TTA, scored by kiln's evaluate.tta=
+    flip_translate_weighted). Log-probabilities stand in for logits: per view they differ by a constant across
+    classes, so a weighted sum has the same argmax."""
     images = dataset.test_images
     height, width = images.shape[1:3]
     pad = ((0, 0), (1, 1), (1, 1), (0, 0))
@@ -399,9 +400,10 @@ def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Run
     scores = {}
     for name, chosen in view_sets.items():
         scores[f"{name}_probs"] = hit_rate(sum(probabilities[view] for view in chosen))
-        scores[f"{name}_logits_wtd"] = hit_rate(sum((0.25 if view in unshifted else 0.125)
-                                                    * np.log(np.clip(probabilities[view], 1e-30, None))
-                                                    for view in chosen))  # fmt: skip
+    scores["kiln_logits_wtd"] = hit_rate(sum((0.25 if view in unshifted else 0.125)
+                                             * np.log(np.clip(probabilities[view], 1e-30, None))
+                                             for view in view_sets["kiln"]))  # fmt: skip
+    scores["airbench_logits_wtd"] = accuracy(model, dataset, prep, runtime, "flip_translate_weighted")
     return scores
 
 

@@ -314,10 +314,11 @@ class EvaluateConfig(Section):
         "stop", description="continue: package anyway, marked not blessed",
     )
     batch_size: int = Field(512, ge=1)
-    tta: Literal["none", "flip", "flip_translate"] = Field(
+    tta: Literal["none", "flip", "flip_translate", "flip_translate_weighted"] = Field(
         "none",
         description="also report accuracy with test-time augmentation (averaged over flipped / 1-pixel-shifted "
-        "views); the gate and the bundle use the plain model",
+        "views; flip_translate_weighted: airbench's weights and mean of log-probabilities); the gate and the "
+        "bundle use the plain model",
     )
 
 

@@ -231,36 +231,45 @@ def predict_probabilities(
     """Softmax probabilities [N, classes] (float32, CPU) for uint8 NHWC images.
 
     `tta`: "flip" averages the probabilities of each image and its mirror; "flip_translate" also of both shifted
-    by one pixel up-left and down-right (reflect-padded): six views.
+    by one pixel up-left and down-right (reflect-padded): six views. "flip_translate_weighted" is airbench's: the
+    image and its mirror weigh 1/4 each, the image's two shifts and their mirrors 1/8 each, and the views' log-
+    probabilities are averaged (a geometric mean, renormalized), not their probabilities.
     """
     model.eval().to(runtime.device)
     normalizer = DeviceNormalizer(prep, runtime.device)
+    weighted = tta == "flip_translate_weighted"
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).permute(0, 3, 1, 2)
-        views = _test_time_views(batch.to(runtime.device), tta)
         total = None
-        for view in views:
+        for view, weight in _test_time_views(batch.to(runtime.device), tta):
             with runtime.autocast():
-                logits = model(normalizer(view))
-            probabilities = torch.softmax(logits.float(), dim=1)
-            total = probabilities if total is None else total + probabilities
-        outputs.append((total / len(views)).cpu())
+                logits = model(normalizer(view)).float()
+            scores = weight * (torch.log_softmax(logits, dim=1) if weighted else torch.softmax(logits, dim=1))
+            total = scores if total is None else total + scores
+        outputs.append((torch.softmax(total, dim=1) if weighted else total).cpu())
     return torch.cat(outputs).numpy()
 
 
-def _test_time_views(batch: torch.Tensor, tta: str) -> list[torch.Tensor]:
+def _test_time_views(batch: torch.Tensor, tta: str) -> list[tuple[torch.Tensor, float]]:
+    """(view, weight) pairs for `predict_probabilities`; the weights sum to 1."""
     from kiln.device_data import _reflect_pad
 
+    height, width = batch.shape[2:]
+
+    def shifted(view: torch.Tensor) -> list[torch.Tensor]:
+        padded = _reflect_pad(view, 1)
+        return [padded[:, :, :height, :width], padded[:, :, 2 : height + 2, 2 : width + 2]]
+
+    if tta == "flip_translate_weighted":  # the mirrors of the shifted images: shifted along the other diagonal
+        shifts = shifted(batch)
+        return [(batch, 0.25), (batch.flip(3), 0.25)] + [(view, 0.125) for view in shifts + [s.flip(3) for s in shifts]]
     views = [batch]
     if tta in ("flip", "flip_translate"):
         views.append(batch.flip(3))
     if tta == "flip_translate":
-        height, width = batch.shape[2:]
-        for view in list(views):
-            padded = _reflect_pad(view, 1)
-            views += [padded[:, :, :height, :width], padded[:, :, 2 : height + 2, 2 : width + 2]]
-    return views
+        views += [view for unshifted in list(views) for view in shifted(unshifted)]
+    return [(view, 1 / len(views)) for view in views]
 
 
 class Objective:

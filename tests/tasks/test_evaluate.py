@@ -64,9 +64,39 @@ def test_test_time_views_are_the_image_its_mirror_and_their_one_pixel_shifts():
     from kiln.training import _test_time_views
 
     batch = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    views = _test_time_views(batch, "flip_translate")
-    assert len(views) == 6 and all(view.shape == batch.shape for view in views)
+    views, weights = zip(*_test_time_views(batch, "flip_translate"))
+    assert len(views) == 6 and all(view.shape == batch.shape for view in views) and set(weights) == {1 / 6}
     assert torch.equal(views[1], batch.flip(3))
     assert torch.equal(views[2][:, :, 1:, 1:], batch[:, :, :-1, :-1])  # shifted down-right by one pixel
     assert torch.equal(views[3][:, :, :-1, :-1], batch[:, :, 1:, 1:])  # shifted up-left
+    assert torch.equal(views[4][:, :, 1:, 1:], batch.flip(3)[:, :, :-1, :-1])  # the mirror, shifted
     assert len(_test_time_views(batch, "flip")) == 2 and len(_test_time_views(batch, "none")) == 1
+    views, weights = zip(*_test_time_views(batch, "flip_translate_weighted"))
+    assert weights == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    assert torch.equal(views[1], batch.flip(3))
+    assert torch.equal(views[2][:, :, 1:, 1:], batch[:, :, :-1, :-1])
+    assert torch.equal(views[4], views[2].flip(3)) and torch.equal(views[5], views[3].flip(3))  # shifted, mirrored
+
+
+def test_airbenchs_weighted_tta_is_a_weighted_mean_of_log_probabilities():
+    import numpy as np
+    import torch
+
+    from kiln.runtime.preprocess import Preprocessing
+    from kiln.training import _test_time_views, predict_probabilities, resolve_runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 5))
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 6, 6, 3), dtype=np.uint8)
+    prep = Preprocessing(6, 6, 3, (0.5,) * 3, (0.25,) * 3)
+    runtime = resolve_runtime("cpu", "fp32")
+    probabilities = predict_probabilities(model, images, prep, runtime, batch_size=4, tta="flip_translate_weighted")
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        log_probabilities = [weight * torch.log_softmax(model((view / 255 - 0.5) / 0.25), dim=1)
+                             for view, weight in _test_time_views(batch, "flip_translate_weighted")]  # fmt: skip
+    expected = torch.softmax(sum(log_probabilities), dim=1).numpy()
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-6)
+    plain = predict_probabilities(model, images, prep, runtime, tta="flip_translate")
+    assert not np.allclose(plain, probabilities)  # not the plain mean of probabilities
