@@ -30,12 +30,12 @@ def main(folder: Path) -> None:
         print(f"\n## {path.stem}: --set {' '.join(report.get('overrides', [])) or '(none)'}")
         if report.get("sweep"):
             print_sweep(path, report["sweep"])
-        if report.get("fit_seconds"):
-            fit = report["fit_seconds"]
+        fit = report.get("fit_seconds")
+        if fit:
             print(f"--fit-seconds {fit['seconds']}: {fit['probe_epoch_seconds']} s an epoch in the probe, "
                   f"{fit['epochs']} epochs")  # fmt: skip
         for recipe in report.get("recipe", []):
-            print_recipe(recipe)
+            print_recipe(recipe, fit["seconds"] if fit and recipe["epochs"] == fit["epochs"] else None)
         for trainer, runs in report.get("airbench", {}).items():
             scores = [accuracy for accuracy, _ in runs if accuracy is not None]
             seconds = [time for _, time in runs if time is not None]
@@ -56,13 +56,22 @@ def print_sweep(report: Path, rows: list[dict]) -> None:
     print_variant_means(rows)
 
 
-def print_recipe(recipe: dict) -> None:
+def print_recipe(recipe: dict, target_seconds: float | None) -> None:
+    """One line per recipe length; a section stopped early leaves fewer runs (and no summary of its own)."""
     runs = recipe["runs"]
-    summary = recipe["summary"]
+    if not runs:
+        print(f"{recipe['profile']}, {recipe['epochs']} epochs: no run finished")
+        return
+    figures = {key: mean_sd([run[key] for run in runs]) for key in ("train_seconds", "fit_wall_seconds", "accuracy",
+                                                                    "accuracy_tta")}  # fmt: skip
     each = ", ".join(f"{run['accuracy_tta']:.4f}" for run in runs)
     print(f"{recipe['profile']}, {recipe['epochs']} epochs, seeds {[run['seed'] for run in runs]}: training "
-          f"{summary['train_seconds']} s, fit wall {summary['fit_wall_seconds']} s, accuracy {summary['accuracy']}, "
-          f"TTA {summary['accuracy_tta']} ({each})")  # fmt: skip
+          f"{figures['train_seconds']} s, fit wall {figures['fit_wall_seconds']} s, accuracy {figures['accuracy']}, "
+          f"TTA {figures['accuracy_tta']} ({each})")  # fmt: skip
+    if target_seconds is not None:
+        slowest = max(run["train_seconds"] for run in runs)
+        verdict = "within" if slowest <= target_seconds else "OVER"
+        print(f"  slowest run {slowest:.2f} s: {verdict} the {target_seconds} s it was fitted to")
     print_variant_means(runs)
 
 

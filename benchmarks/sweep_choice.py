@@ -57,10 +57,10 @@ def best_settings(report: Path) -> list[str]:
         if complete:
             means = {value: statistics.mean(statistics.mean(block[value]) for block in complete) for value in values}
             basis = f"{len(complete)} complete block(s)"
-        elif _balanced(rows, key, axes):
-            means = {value: statistics.mean(row["accuracy_tta"] for row in rows if _settings(row)[key] == value)
+        elif _balanced([_settings(row) for row in rows if key in _settings(row)], key, values):
+            means = {value: statistics.mean(row["accuracy_tta"] for row in rows if _settings(row).get(key) == value)
                      for value in values}  # fmt: skip
-            basis = f"{len(rows)} balanced runs of a fractional grid"
+            basis = f"{sum(key in _settings(row) for row in rows)} balanced runs of a fractional grid"
         else:
             print(f"# best of {report}: {key}: no decision, no complete block of runs over {', '.join(values)} "
                   "and no balanced fraction")  # fmt: skip
@@ -76,19 +76,18 @@ def _settings(row: dict) -> dict[str, str]:
     return dict(setting.split("=", 1) for setting in row["settings"])
 
 
-def _balanced(rows: list[dict], key: str, axes: dict[str, list[str]]) -> bool:
-    """Every run sets every key, and each (value of `key`, value of another key) pair occurs equally often."""
-    settings = [_settings(row) for row in rows]
-    if not settings or any(set(one) != set(axes) for one in settings):
+def _balanced(settings: list[dict[str, str]], key: str, values: list[str]) -> bool:
+    """The runs that set `key` (those of its grid) all set the same keys, and each value of `key` occurs equally
+    often, alone and beside each value of every other key."""
+    if not settings or any(set(one) != set(settings[0]) for one in settings):
         return False
     counts = Counter(one[key] for one in settings)
-    if set(counts) != set(axes[key]) or len(set(counts.values())) != 1:
+    if set(counts) != set(values) or len(set(counts.values())) != 1:
         return False
-    for other in axes:
+    for other in settings[0]:
         if other == key:
             continue
         pairs = Counter((one[key], one[other]) for one in settings)
-        expected = [(value, other_value) for value in axes[key] for other_value in axes[other]]
-        if set(pairs) != set(expected) or len(set(pairs.values())) != 1:
+        if len(pairs) != len(values) * len({one[other] for one in settings}) or len(set(pairs.values())) != 1:
             return False
     return True

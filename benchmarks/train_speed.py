@@ -50,7 +50,7 @@ from kiln.training import (  # noqa: E402
 )
 from sweep_choice import best_settings, grid_combinations  # noqa: E402  (benchmarks/, the script's own folder)
 
-FIT_PROBE_EPOCHS = 3  # --fit-seconds' probe: the first epoch compiles and warms up, the last is timed
+FIT_PROBE_EPOCHS = 3  # --fit-seconds' probe: the first epoch compiles and warms up, the others are timed
 
 
 def main(argv: list[str]) -> None:
@@ -84,10 +84,10 @@ def main(argv: list[str]) -> None:
         lengths = list(args.epochs or ([] if args.fit_seconds else [None]))
         if args.fit_seconds:
             results["fit_seconds"] = epochs_within(dataset, args)
+            save()
             lengths = sorted(set(lengths) | {results["fit_seconds"]["epochs"]})
         for epochs in lengths:
-            results.setdefault("recipe", []).append(recipe_benchmark(dataset, args, epochs))
-            save()
+            recipe_benchmark(dataset, args, epochs, results.setdefault("recipe", []), save)
     if args.airbench:
         airbench_benchmark(dataset, args, results.setdefault("airbench", {}), save)
 
@@ -109,9 +109,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "--best-of's choices)")  # fmt: skip
     parser.add_argument("--epochs", type=_int_list, help="override the profile's train.epochs; a comma-separated "
                         "list (10,30) runs the recipe at each length, shortest first")  # fmt: skip
-    parser.add_argument("--fit-seconds", type=float, help="also run the recipe at the most epochs whose training "
-                        "time fits this many seconds on this device, as predicted by a probe run's last epoch (with "
-                        "no --epochs: only then); for time targets on devices of unknown speed")  # fmt: skip
+    parser.add_argument("--fit-seconds", type=_positive_float, help="also run the recipe at the most epochs whose "
+                        "training time fits this many seconds on this device, as a probe run's warm epochs predict "
+                        "(with no --epochs: only then); for time targets on devices of unknown speed")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="the recipe's runs use seeds first..first+runs-1: "
                         "seeds a --best-of sweep did not choose on, for a fair measure of its winner")  # fmt: skip
@@ -135,6 +135,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
+    if args.fit_seconds and args.skip_recipe:
+        parser.error("--fit-seconds chooses the recipe's epochs, but --skip-recipe skips the recipe: drop one")
     for grid in args.sweep:
         try:
             grid_combinations(grid, half=args.sweep_fraction == "half")
@@ -160,6 +162,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -273,7 +285,10 @@ def _bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, ste
 # --------------------------------------------------------------------------------------------------------------
 # (b) time-to-accuracy
 # --------------------------------------------------------------------------------------------------------------
-def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: int | None) -> dict:
+def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: int | None, recipes: list[dict],
+                     save: Callable[[], None]) -> None:
+    """--runs seeded runs of the recipe at `epochs`, appended to `recipes` as one entry and saved after each run:
+    a section stopped at its time limit keeps the runs it finished."""
     overrides = list(args.overrides) + ([f"train.epochs={epochs}"] if epochs else [])
     config = load_config(args.profile, overrides=overrides)
     runtime = resolve_runtime(config.train.device, config.train.precision)
@@ -281,27 +296,29 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
           f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
     print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
     warm_up(dataset, config, args)
-    rows = []
+    rows: list[dict] = []
+    recipes.append({"profile": args.profile, "epochs": config.train.epochs, "runs": rows})
     for seed in range(args.first_seed, args.first_seed + args.runs):
         row = train_once(dataset, config, seed)
         rows.append(row)
+        save()
         print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
               f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
-    summary = summarize(rows)
+    recipes[-1]["summary"] = summary = summarize(rows)
+    save()
     print(f"| mean ± sd | {summary['train_seconds']} | {summary['fit_wall_seconds']} | {summary['accuracy']} | "
           f"{summary['accuracy_tta']} |")  # fmt: skip
-    return {"profile": args.profile, "epochs": config.train.epochs, "runs": rows, "summary": summary}
 
 
 def epochs_within(dataset: ImageDataset, args: argparse.Namespace) -> dict:
     """The most epochs of the recipe (at least 1) whose training --fit-seconds allows, at the time per epoch of the
-    last epoch of an unreported probe run: its first epoch compiles, times cuDNN's algorithms and fills caches."""
+    later epochs of an unreported probe run: its first epoch compiles, times cuDNN's algorithms and fills caches."""
     config = load_config(args.profile, overrides=args.overrides)
     probe = train_once(dataset, config, seed=0, epochs=FIT_PROBE_EPOCHS, evaluate=False)
-    epoch_seconds = probe["epoch_seconds"][-1]
+    epoch_seconds = max(max(probe["epoch_seconds"][1:]), 1e-3)  # the slower of the warm epochs: a margin, not a bet
     epochs = max(1, int(args.fit_seconds / epoch_seconds))
-    print(f"\n# --fit-seconds {args.fit_seconds:g}: {epoch_seconds:.3f} s an epoch in the probe's last epoch, so "
-          f"{epochs} epochs", flush=True)  # fmt: skip
+    print(f"\n# --fit-seconds {args.fit_seconds:g}: up to {epoch_seconds:.3f} s an epoch in the probe's warm "
+          f"epochs, so {epochs} epochs", flush=True)  # fmt: skip
     return {"seconds": args.fit_seconds, "probe_epoch_seconds": epoch_seconds, "epochs": epochs}
 
 

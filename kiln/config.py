@@ -32,15 +32,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
     # Settings that change how a stage runs but never what it writes; left out of the stage's content key.
     not_in_key: ClassVar[frozenset[str]] = frozenset()
-    # Settings added after stores were written, each with the value that behaves as kiln did before it existed: at
-    # that value it is left out of the key, so upgrading kiln does not re-run stages whose settings did not change.
-    # The value is fixed here, not read from the field's default, so a later change of default is still keyed.
-    same_as_before: ClassVar[dict[str, Any]] = {}
 
     def key_fields(self) -> dict[str, Any]:
-        fields = self.model_dump(mode="json", exclude=set(self.not_in_key))
-        return {name: value for name, value in fields.items()
-                if name not in self.same_as_before or value != self.same_as_before[name]}  # fmt: skip
+        return self.model_dump(mode="json", exclude=set(self.not_in_key))
 
 
 class DataConfig(Section):
@@ -135,8 +129,6 @@ class AugmentConfig(Section):
     )
     preview_images: int = Field(32, ge=1, le=256, description="images in the preview grid PNG")
     seed: int = Field(0, description="for the preview only; training draws from train.seed")
-
-    same_as_before = {"cutout_inside": False}
 
     @field_validator("cutout_inside")
     @classmethod

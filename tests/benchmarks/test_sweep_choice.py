@@ -70,6 +70,16 @@ def test_best_settings_recovers_each_settings_better_value(tmp_path, half):
     assert sweep_choice.best_settings(report) == expected_choices()
 
 
+def test_a_half_fraction_beside_another_grid_in_the_same_report_is_still_decided(tmp_path):
+    report = write_report(tmp_path, sweep_choice.grid_combinations(PARITY, half=True))
+    data = json.loads(report.read_text())
+    data["grids"].append({"train.lr": ["1.0", "2.0"]})  # a second --sweep of the same call
+    data["sweep"] += [{"settings": [f"train.lr={lr}"], "seed": 0, "accuracy_tta": accuracy} for lr, accuracy in
+                      (("1.0", 0.91), ("2.0", 0.92))]  # fmt: skip
+    report.write_text(json.dumps(data))
+    assert sweep_choice.best_settings(report) == [*expected_choices(), "train.lr=2.0"]
+
+
 def test_a_half_fraction_cut_short_decides_nothing(tmp_path, capsys):
     half = sweep_choice.grid_combinations(PARITY, half=True)
     assert sweep_choice.best_settings(write_report(tmp_path, half[:-1])) == []
