@@ -15,7 +15,9 @@ from torchvision.transforms import v2
 from kiln.config import AugmentConfig
 from kiln.errors import ConfigError
 
-POLICY_SPEC_VERSION = 1
+POLICY_SPEC_VERSION = 2  # 2: Cutout may be placed `inside`; a spec without it is still written as version 1,
+# which older kilns read the same way; they refuse a version 2 spec instead of ignoring the placement
+READABLE_SPEC_VERSIONS = (1, 2)
 class Cutout(torch.nn.Module):
     """Fill a `size` x `size` square at a random centre (clipped at the border) with `fill` (DeVries & Taylor,
     2017), on one uint8 CHW image; with `inside`, at a random place wholly inside the image (airbench96).
@@ -69,13 +71,14 @@ def resolve_policy(
     if config.cutout > 0 and policy != "none":
         mean = channel_mean if channel_mean is not None else [0.5] * channels
         cutout = {"op": "Cutout", "size": config.cutout, "fill": [int(round(255 * value)) for value in mean]}
-        ops.append({**cutout, "inside": True} if config.cutout_inside else cutout)  # specs as before, unless inside
-    return {"version": POLICY_SPEC_VERSION, "policy": policy, "image_shape": list(image_shape), "ops": ops}
+        ops.append({**cutout, "inside": True} if config.cutout_inside else cutout)
+    version = POLICY_SPEC_VERSION if any(op.get("inside") for op in ops) else 1
+    return {"version": version, "policy": policy, "image_shape": list(image_shape), "ops": ops}
 
 
 def build_transform(spec: dict[str, Any]) -> v2.Compose | v2.Identity:
     """A v2 pipeline for uint8 CHW tensors from a policy spec. Raises ConfigError on an unknown op or version."""
-    if spec.get("version") != POLICY_SPEC_VERSION:
+    if spec.get("version") not in READABLE_SPEC_VERSIONS:
         raise ConfigError(f"augmentation policy version {spec.get('version')!r} is not supported by this kiln")
     transforms = []
     for op in spec["ops"]:

@@ -86,7 +86,8 @@ def test_cutout_inside_keeps_the_whole_square_on_the_image_on_both_paths(inside)
     images = images_of(count=64, size=8)
     spec = resolve_policy(AugmentConfig(policy="crop", crop_padding=0, cutout=4, cutout_inside=inside), (8, 8, 3),
                           [1.0, 0.0, 7 / 255])  # fmt: skip
-    assert ("inside" in spec["ops"][1]) is inside  # specs written before the setting existed read as before
+    assert ("inside" in spec["ops"][1]) is inside
+    assert spec["version"] == (2 if inside else 1)  # older kilns read version 1 alike and refuse version 2
     fill = [255, 0, 7]
     prep = Preprocessing(8, 8, 3, (0.0,) * 3, (1 / 255,) * 3)  # normalization = identity on the 0..255 scale
     batches = DeviceBatches(images, np.arange(64), spec, prep, CPU, batch_size=64)
@@ -109,6 +110,11 @@ def test_cutout_inside_keeps_the_whole_square_on_the_image_on_both_paths(inside)
 def test_cutout_inside_needs_cutout():
     with pytest.raises(ValueError, match="augment.cutout is 0"):
         AugmentConfig(cutout_inside=True)
+
+
+def test_a_policy_version_this_kiln_does_not_know_is_refused():
+    with pytest.raises(ConfigError, match="augmentation policy version 3 is not supported by this kiln"):
+        build_transform({"version": 3, "policy": "crop", "image_shape": [8, 8, 3], "ops": []})
 
 
 def test_an_alternating_flip_mirrors_each_image_in_every_other_epoch():
