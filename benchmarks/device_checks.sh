@@ -6,10 +6,9 @@
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
 # `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
-# section's .md, .json and .log of its stderr: parity, best, muon, muon-best, long-best, long-hard, airbench;
-# see run()
-# for what each measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96, the recipes,
-# sweeps and the compression table; RESULTS.md has them.
+# section's .md, .json and .log of its stderr: parity, best, muon, muon-best, long-best, long-hard, airbench; see
+# run() for what each measures). Earlier GPU runs (2026-11-26, H200, two sessions) measured the feed, airbench94/96,
+# the recipes, sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
