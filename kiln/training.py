@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kiln.config import NORMALIZED_CONV_MODELS, TrainConfig
 from kiln.errors import ConfigError
-from kiln.hard_examples import ONE_PROCESS_ONLY
+from kiln.hard_examples import ONE_PROCESS_ONLY, build_selector
 from kiln.muon import Muon
 from kiln.runtime.preprocess import Preprocessing
 
@@ -627,8 +627,6 @@ def _hard_example_selector(train_set: AugmentedImages, prep: Preprocessing, conf
         return None
     if distributed is not None:  # launch_training refuses this first; a direct caller gets the same answer
         raise ConfigError(ONE_PROCESS_ONLY)
-    from kiln.hard_examples import build_selector
-
     sample = _normalized_sample(train_set, prep, runtime.device, config.seed)
     return build_selector(sample, int(train_set.labels.max()) + 1, config, runtime, total_steps, channels_last)
 
