@@ -79,12 +79,16 @@ run() {
     #   (airbench trains in fp16; kiln's autocast default is bf16), as the balanced half of the 2^5 grid (16 runs,
     #   seed 0; each setting's two values compared over 8 runs each, two-setting interactions unconfounded).
     # best: each setting's better value (--best-of), seeds 1-3, at 10 epochs and at as many as fit the time target.
-    # muon: cifar10-fast with those and train.optimizer=muon (kiln/muon.py) in the shape of airbench's Muon record:
-    #   batch 2000, 8 epochs, lr decaying linearly from its peak to 0; the filters' lr, the SGD part's decay (in
-    #   kiln's coupled terms 1.33e-3 is airbench94's per-step decay, 2.67e-3 the record's) and lookahead (the record
-    #   has none): 8 runs, in bf16 whatever parity chose (under fp16 the GradScaler would wait for the GPU every
-    #   step: only fused SGD takes its inf check on the device). muon-best: the better values, seeds 1-3, at 8
-    #   epochs and at as many as fit the time target.
+    # muon: cifar10-fast with those and train.optimizer=muon (kiln/muon.py) in the shape of airbench's Muon record
+    #   (airbench94_muon.py, read line by line in the seventh session): batch 2000, 8 epochs, lr decaying linearly
+    #   from its peak to 0; its head and shift lr (1.656 in kiln's terms: 0.67 per summed example on a head scaled
+    #   1/256, against kiln's 1/9; shifts 0.053 x 2000 = 64 x 1.656), alternating flip, decayed shifts, and the
+    #   whitening bias at the shifts' lr falling to 0 over 3 epochs (whiten_bias_schedule=shift_lr_to_zero), pinned
+    #   whatever parity chose; over the filters' lr, the SGD part's decay (in kiln's coupled terms at lr 1.656,
+    #   2.42e-3 is the record's 4e-3 a step, 1.21e-3 half that) and lookahead (the record has none): 8 runs, in
+    #   bf16 (under fp16 the GradScaler would wait for the GPU every step: only fused SGD takes its inf check on the
+    #   device). Compiled runs also compile the Newton-Schulz iteration, as the record does. muon-best: the better
+    #   values, seeds 1-3, at 8 epochs and at as many as fit the time target.
     # long-best: cifar10-long with parity's choices and airbench96's own settings where kiln's long recipe differs
     #   (airbench 0.1.8's train96, read line by line: 4-pixel translation, Cutout wholly inside the image, peak lr
     #   1.174 in kiln's terms (9.0 per 1024 summed examples) at the same decay per step (1.7e-3 coupled, as
@@ -108,8 +112,10 @@ run() {
     local best=("${compiled[@]}" --best-of "$OUT/parity.json" --epochs 10 --fit-seconds "$fast_s" --runs 3
                 --first-seed 1)
     local muon_shape=(--set train.optimizer=muon --set train.batch_size=2000 --set train.warmup_fraction=0.01
-                      --set train.initial_lr_fraction=1 --set train.final_lr_fraction=0)
-    local muon_grid="train.muon_lr=0.24,0.36;train.weight_decay=1.33e-3,2.67e-3;train.lookahead_steps=null,5;"
+                      --set train.initial_lr_fraction=1 --set train.final_lr_fraction=0 --set train.lr=1.656
+                      --set augment.flip=alternate --set train.decay_biases=true --set train.whiten_bias_epochs=3
+                      --set train.whiten_bias_schedule=shift_lr_to_zero)
+    local muon_grid="train.muon_lr=0.24,0.36;train.weight_decay=1.21e-3,2.42e-3;train.lookahead_steps=null,5;"
     muon_grid+="train.precision=bf16"
     local muon=("${muon_shape[@]}" --best-of "$OUT/parity.json" --epochs 8 --sweep "$muon_grid")
     local muon_best=("${compiled[@]}" "${muon_shape[@]}" --best-of "$OUT/parity.json" --best-of "$OUT/muon.json"

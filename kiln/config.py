@@ -217,6 +217,12 @@ class TrainConfig(Section):
         "bias_lr_scale) for this many epochs, then its lr is zero (with lookahead it moves once more, at the next "
         "pull), as in airbench (3); None: it trains like the other biases",
     )
+    whiten_bias_schedule: Literal["base_lr", "shift_lr_to_zero"] = Field(
+        "base_lr", description="with whiten_bias_epochs, how the whitening bias's lr runs: base_lr: the base lr, "
+        "following the run's schedule, then zero (airbench94); shift_lr_to_zero: the norm shifts' lr (lr x "
+        "bias_lr_scale, decayed as they are with decay_biases), falling linearly to zero by the end of those epochs "
+        "(airbench's Muon record)",
+    )
     keep_hardest: float | None = Field(
         None, gt=0, lt=1, description="train on this share of each batch: the examples a small proxy network "
         "(fastnet at 32/64/64 channels, learning alongside from every 4th batch with this recipe's optimizer "
@@ -258,6 +264,14 @@ class TrainConfig(Section):
         if value is not None and model:
             raise ValueError(f"applies to the whitening layer of the {' and '.join(FASTNET_MODELS)} models, not "
                              f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
+        return value
+
+    @field_validator("whiten_bias_schedule")
+    @classmethod
+    def _schedule_needs_whitening_epochs(cls, value: str, info: ValidationInfo) -> str:
+        if value != "base_lr" and "whiten_bias_epochs" in info.data and info.data["whiten_bias_epochs"] is None:
+            raise ValueError(f"{value} schedules the whitening bias over train.whiten_bias_epochs, which is not set: "
+                             "add --set train.whiten_bias_epochs=3")  # fmt: skip
         return value
 
     @field_validator("optimizer")

@@ -89,7 +89,7 @@ def build_selector(sample: torch.Tensor, num_classes: int, config: Any, runtime:
     """A fresh proxy for `config` (a TrainConfig with keep_hardest set) on `runtime`'s device: whitened from
     `sample` (normalized training images, NCHW), with the main recipe's optimizer and schedule over `total_steps`."""
     from kiln.models.fastnet import FastNet
-    from kiln.training import compiled, make_optimizer, make_scheduler
+    from kiln.training import compiled, make_scheduler, optimizer_for_run
 
     _, channels, height, width = sample.shape
     with torch.random.fork_rng(devices=[]):  # a start of its own, not a copy of the main model's first filters
@@ -103,7 +103,7 @@ def build_selector(sample: torch.Tensor, num_classes: int, config: Any, runtime:
     proxy.prepare(sample)
     proxy.whitening_bias().requires_grad_(False)  # as airbench's proxy: the data-derived centring is enough to rank
     proxy.train()
-    optimizer = make_optimizer(proxy, config, fused=runtime.device.type == "cuda")
+    optimizer = optimizer_for_run(proxy, config, runtime, total_steps)
     scheduler = make_scheduler(optimizer, config, total_steps)
     forward = compiled(proxy, config, runtime, total_steps)
     return HardExampleSelector(proxy, forward, optimizer, scheduler, runtime.autocast, runtime.precision,

@@ -19,12 +19,16 @@ one GradScaler serve the whole model. Written from the published description; no
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim.sgd import sgd
+
+LOGGER = logging.getLogger(__name__)
 
 # Quintic Newton-Schulz coefficients from the Muon write-up: chosen to push singular values anywhere in (0, 1] to
 # roughly [0.7, 1.2] in very few steps, rather than to converge to exactly 1 (which the update does not need).
@@ -51,14 +55,23 @@ def orthogonalized(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> to
     return matrix.to(update.dtype)
 
 
+@functools.cache
+def compiled_orthogonalized() -> Callable[[torch.Tensor], torch.Tensor]:
+    """`orthogonalized` through torch.compile, built once per process so that every optimizer reuses its kernels: on
+    a GPU, eager mode launches some 30 small kernels per filter and step, which a short run's steps wait on (the
+    CIFAR-10 record compiles it too). Shapes after the first two share one dynamic-shape graph."""
+    return torch.compile(orthogonalized)
+
+
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum; in param groups with `orthogonalize`, each parameter is first scaled to norm
     sqrt(rows), then its momentum update is orthogonalized (Muon) and applied as lr x sqrt(max(1, rows / cols)) x
     that matrix (the factor keeps a tall matrix's step as large, relative to its norm, as a wide one's). Per-group
     options: lr, momentum, weight_decay (coupled, as SGD's; orthogonalized groups take none: their norm is fixed),
-    orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA). Under fp16 a GradScaler
-    unscales the gradients first and checks them for inf on the host, so each step waits for the GPU (torch's fused
-    SGD alone takes that check on the device): prefer bf16."""
+    orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA); `compile_orthogonalization`
+    runs the Newton-Schulz iteration through torch.compile (compiled_orthogonalized; eager again, with a warning,
+    if compiling fails). Under fp16 a GradScaler unscales the gradients first and checks them for inf on the host,
+    so each step waits for the GPU (torch's fused SGD alone takes that check on the device): prefer bf16."""
 
     def __init__(
         self,
@@ -68,6 +81,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         orthogonalize: bool = False,
         fused: bool = False,
+        compile_orthogonalization: bool = False,
     ):
         if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"Muon needs lr > 0, 0 <= momentum < 1, weight_decay >= 0; got {lr}, {momentum}, "
@@ -83,6 +97,7 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"] > 0:
                 raise ValueError("an orthogonalized group holds its weights at a fixed norm: give it weight_decay 0")
         self.fused = fused
+        self._compiled = compiled_orthogonalized() if compile_orthogonalization else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -109,8 +124,18 @@ class Muon(torch.optim.Optimizer):
                 self.state[parameter]["momentum_buffer"] = buffer
         return loss
 
-    @staticmethod
-    def _orthogonal_step(parameter: torch.Tensor, buffer: torch.Tensor | None, group: dict[str, Any]) -> torch.Tensor:
+    def _orthogonalized(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            try:
+                return self._compiled(matrix)
+            except Exception as error:  # e.g. no C compiler for the CPU backend: a slower step, not a failed run
+                LOGGER.warning(f"muon: compiling the orthogonalization failed ({error.__class__.__name__}: {error}); "
+                               "running it eagerly")  # fmt: skip
+                self._compiled = None
+        return orthogonalized(matrix)
+
+    def _orthogonal_step(self, parameter: torch.Tensor, buffer: torch.Tensor | None, group: dict[str, Any]
+                         ) -> torch.Tensor:  # fmt: skip
         gradient = parameter.grad
         momentum = group["momentum"]
         buffer = gradient.clone() if buffer is None else buffer.mul_(momentum).add_(gradient)
@@ -118,6 +143,6 @@ class Muon(torch.optim.Optimizer):
         rows = parameter.shape[0]
         columns = parameter.numel() // rows
         parameter.mul_(math.sqrt(rows) / parameter.norm().clamp_min(1e-12))
-        direction = orthogonalized(update.reshape(rows, columns)).view_as(parameter)
+        direction = self._orthogonalized(update.reshape(rows, columns)).view_as(parameter)
         parameter.add_(direction, alpha=-group["lr"] * math.sqrt(max(1.0, rows / columns)))
         return buffer

@@ -117,13 +117,25 @@ class DeviceNormalizer(nn.Module):
         return (images_uint8.float() / 255.0 - self.mean) / self.std
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+def optimizer_for_run(model: nn.Module, config: TrainConfig, runtime: Runtime, total_steps: int
+                      ) -> torch.optim.Optimizer:  # fmt: skip
+    """make_optimizer as a training run of `total_steps` on `runtime` wants it: fused on CUDA, and with muon the
+    orthogonalization compiled where the model is (compile_wanted), on CUDA only: on a CPU it is a small share of
+    the step, and its eager float32 form keeps seeded runs exactly reproducible."""
+    cuda = runtime.device.type == "cuda"
+    compile_orthogonalization = cuda and compile_wanted(config, runtime, total_steps)
+    return make_optimizer(model, config, fused=cuda, compile_orthogonalization=compile_orthogonalization)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False, compile_orthogonalization: bool = False
+                   ) -> torch.optim.Optimizer:  # fmt: skip
     """SGD (Nesterov), AdamW or Muon (kiln/muon.py); `fused` (CUDA) runs each step as one kernel over all parameters
-    (Muon: its SGD part).
+    (Muon: its SGD part); `compile_orthogonalization` runs Muon's Newton-Schulz iteration through torch.compile.
 
     Parameter groups: the weights (decayed); norm shifts and biases at bias_lr_scale times the lr (decayed only with
     decay_biases); with whiten_bias_epochs, a fastnet's whitening bias on its own (group name WHITENING_BIAS_GROUP),
-    at the base lr, which make_scheduler stops after those epochs; with muon, the convolution filters last, at
+    at the base lr, or the shifts' with whiten_bias_schedule=shift_lr_to_zero, which make_scheduler stops after
+    those epochs; with muon, the convolution filters last, at
     muon_lr and muon_momentum, orthogonalized and held at a fixed norm instead of decayed. Frozen parameters
     (FastNet's whitening filters, set from the data) are left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -139,12 +151,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False) -
         {"params": biases, "weight_decay": bias_decay, "lr": config.lr * config.bias_lr_scale},
     ]
     if whitening_bias is not None:
-        groups.append({"params": [whitening_bias], "name": WHITENING_BIAS_GROUP, "lr": config.lr,
-                       "weight_decay": config.weight_decay if config.decay_biases else 0.0})  # fmt: skip
+        scale = config.bias_lr_scale if config.whiten_bias_schedule == "shift_lr_to_zero" else 1.0
+        groups.append({"params": [whitening_bias], "name": WHITENING_BIAS_GROUP, "lr": config.lr * scale,
+                       "weight_decay": config.weight_decay / scale if config.decay_biases else 0.0})  # fmt: skip
     if config.optimizer == "muon":
         groups.append({"params": filters, "lr": config.muon_lr, "momentum": config.muon_momentum,
                        "weight_decay": 0.0, "orthogonalize": True})  # fmt: skip
-        return Muon(groups, lr=config.lr, momentum=config.momentum, fused=fused)
+        return Muon(groups, lr=config.lr, momentum=config.momentum, fused=fused,
+                    compile_orthogonalization=compile_orthogonalization)
     options = {"fused": True} if fused else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0, **options)
@@ -181,8 +195,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     `warmup_fraction` of the steps, then a linear decay to `final_lr_fraction` of lr; written out rather than torch's
     OneCycleLR, which divides by zero when the warm-up rounds to a single step (a few batches of a small dataset) and
     also cycles the momentum. The whitening bias's group (make_optimizer) follows the same factors for
-    whiten_bias_epochs, then 0: a zero lr leaves a parameter exactly where it is, and, unlike switching off its
-    gradient, does not make torch.compile trace the model again."""
+    whiten_bias_epochs, then 0 (with whiten_bias_schedule=shift_lr_to_zero: 1 falling linearly to 0 over those
+    epochs, whatever the run's schedule): a zero lr leaves a parameter exactly where it is, and, unlike switching
+    off its gradient, does not make torch.compile trace the model again."""
     if config.schedule == "onecycle":
         warmup = max(1, round(config.warmup_fraction * total_steps))
         ends = (config.initial_lr_fraction, config.final_lr_fraction)
@@ -195,7 +210,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     for group in optimizer.param_groups:
         if group.get("name") == WHITENING_BIAS_GROUP:
             stop = config.whiten_bias_epochs * (total_steps // config.epochs)
-            per_group.append(partial(_until, stop, factors))
+            own = partial(_linear_to_zero, stop) if config.whiten_bias_schedule == "shift_lr_to_zero" else factors
+            per_group.append(partial(_until, stop, own))
         else:
             per_group.append(factors)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, per_group)
@@ -203,6 +219,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 def _until(stop: int, factors: Callable[[int], float], step: int) -> float:
     return factors(step) if step < stop else 0.0
+
+
+def _linear_to_zero(stop: int, step: int) -> float:
+    return 1 - step / stop  # _until calls it only for steps below stop, so stop >= 1 here
 
 
 def _constant(step: int) -> float:
@@ -332,8 +352,9 @@ def fit(
         model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)
     batches = training_batches(train_set, prep, config, runtime, channels_last, distributed)
-    optimizer = make_optimizer(model, config, fused=runtime.device.type == "cuda")
-    scheduler = make_scheduler(optimizer, config, config.epochs * len(batches))
+    total_steps = config.epochs * len(batches)
+    optimizer = optimizer_for_run(model, config, runtime, total_steps)
+    scheduler = make_scheduler(optimizer, config, total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.precision == "fp16")
     objective = objective or Objective(config.label_smoothing)
     resuming = checkpoint_path.exists()
@@ -343,7 +364,6 @@ def fit(
         if hasattr(model, "prepare"):  # data-dependent init (FastNet's whitening)
             model.prepare(_normalized_sample(train_set, prep, runtime.device, config.seed))
     average = _weight_average(model, config)
-    total_steps = config.epochs * len(batches)
     lookahead = _lookahead(model, config, total_steps)
     selector = _hard_example_selector(train_set, prep, config, runtime, total_steps, channels_last, distributed)
     history: list[dict[str, Any]] = []
@@ -540,12 +560,16 @@ def training_batches(train_set: AugmentedImages, prep: Preprocessing, config: Tr
     return _LoaderBatches(train_set, prep, config, runtime, channels_last, shard)
 
 
+def compile_wanted(config: TrainConfig, runtime: Runtime, total_steps: int) -> bool:
+    """train.compile for a run of `total_steps` on `runtime`: auto is on for CUDA runs long enough to repay it."""
+    if config.compile == "auto":
+        return runtime.device.type == "cuda" and total_steps >= COMPILE_MIN_STEPS
+    return config.compile == "on"
+
+
 def compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_steps: int) -> Callable:
     """The callable training steps run: the model itself, or its torch.compile'd form."""
-    wanted = config.compile
-    if wanted == "auto":
-        wanted = "on" if runtime.device.type == "cuda" and total_steps >= COMPILE_MIN_STEPS else "off"
-    if wanted == "off":
+    if not compile_wanted(config, runtime, total_steps):
         return model
     try:
         return torch.compile(model)

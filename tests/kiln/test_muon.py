@@ -80,3 +80,45 @@ def test_orthogonalized_groups_refuse_vectors_and_weight_decay():
     with pytest.raises(ValueError, match="fixed norm: give it weight_decay 0"):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "orthogonalize": True, "weight_decay": 1e-3}],
              lr=0.1, momentum=0.5)  # fmt: skip
+
+
+def _filter_steps(optimizer_options: dict, shapes=((8, 4, 3, 3), (64, 3, 3, 3), (16, 8, 3, 3))) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    filters = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    optimizer = Muon([{"params": filters, "orthogonalize": True}], lr=0.2, momentum=0.5, **optimizer_options)
+    for _ in range(2):
+        for parameter in filters:
+            parameter.grad = torch.randn_like(parameter)
+        optimizer.step()
+    return [parameter.detach().clone() for parameter in filters]
+
+
+def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eager_one(monkeypatch):
+    """compile_orthogonalization (on CUDA runs that compile) must trace without graph breaks for every filter shape,
+    wide and tall, and move the filters as the eager iteration does. Dynamo's eager backend checks the tracing
+    without paying for code generation; inductor's kernels are torch's to get right."""
+    import kiln.muon
+
+    traced = torch.compile(orthogonalized, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: traced)
+    compiled = _filter_steps({"compile_orthogonalization": True})
+    eager = _filter_steps({})
+    for mine, reference in zip(compiled, eager):
+        assert torch.allclose(mine, reference, atol=1e-6)
+
+
+def test_a_failing_compiled_orthogonalization_warns_once_and_steps_eagerly(monkeypatch, caplog):
+    import kiln.muon
+
+    calls = []
+
+    def broken(matrix):
+        calls.append(matrix.shape)
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: broken)
+    with caplog.at_level("WARNING", logger="kiln.muon"):
+        steps = _filter_steps({"compile_orthogonalization": True})
+    assert len(calls) == 1 and "running it eagerly" in caplog.text
+    for mine, reference in zip(steps, _filter_steps({})):
+        assert torch.equal(mine, reference)

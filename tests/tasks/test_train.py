@@ -192,6 +192,40 @@ def test_the_whitening_bias_gets_its_own_group_at_the_base_lr_that_stops_after_i
     assert len(plain.param_groups) == 2 and any(p is model.whiten.bias for p in plain.param_groups[1]["params"])
 
 
+def test_the_shift_lr_to_zero_whitening_schedule_starts_at_the_shifts_lr_and_falls_linearly_to_zero():
+    """airbench's Muon record: the whitening bias at the norm shifts' lr, falling to zero over its epochs whatever the
+    run's schedule does, and decayed by the same amount per step as every other parameter."""
+    from kiln.training import make_optimizer, make_scheduler
+
+    config = TrainConfig(model="fastnet", optimizer="sgd", lr=0.5, bias_lr_scale=64, epochs=4, whiten_bias_epochs=2,
+                         whiten_bias_schedule="shift_lr_to_zero", weight_decay=0.01, decay_biases=True,
+                         schedule="onecycle", warmup_fraction=0.25, initial_lr_fraction=0.5)  # fmt: skip
+    model = build_model(ModelSpec("fastnet", (8, 8, 3), 4))
+    optimizer = make_optimizer(model, config)
+    weights, shifts, whitening = optimizer.param_groups
+    assert (whitening["lr"], whitening["weight_decay"]) == (32.0, pytest.approx(0.01 / 64))
+    assert whitening["lr"] * whitening["weight_decay"] == pytest.approx(weights["lr"] * weights["weight_decay"])
+    scheduler = make_scheduler(optimizer, config, total_steps=12)  # 3 steps an epoch: the bias trains for 6
+    rates = []
+    for _ in range(12):
+        rates.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert [rate[2] for rate in rates] == pytest.approx([32.0 * (1 - step / 6) for step in range(6)] + [0.0] * 6)
+    assert rates[0][0] == pytest.approx(0.25) and max(rate[0] for rate in rates) == pytest.approx(0.5)  # warm-up
+
+
+def test_a_whitening_schedule_without_whiten_bias_epochs_is_refused():
+    from kiln.config import load_config
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="whiten_bias_schedule.*whiten_bias_epochs, which is not set"):
+        load_config(overrides=["train.model=fastnet", "train.whiten_bias_schedule=shift_lr_to_zero"])
+    config = load_config(overrides=["train.model=fastnet", "train.whiten_bias_epochs=3",
+                                    "train.whiten_bias_schedule=shift_lr_to_zero"])  # fmt: skip
+    assert config.train.whiten_bias_schedule == "shift_lr_to_zero"
+
+
 def test_whiten_bias_epochs_is_refused_for_models_without_a_whitening_layer():
     from kiln.config import load_config
     from kiln.errors import ConfigError
