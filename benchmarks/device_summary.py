@@ -69,7 +69,7 @@ def print_recipe(recipe: dict, target_seconds: float | None) -> None:
           f"{figures['train_seconds']} s, fit wall {figures['fit_wall_seconds']} s, accuracy {figures['accuracy']}, "
           f"TTA {figures['accuracy_tta']} ({each})")  # fmt: skip
     if all("tta_seconds" in run for run in runs):  # airbench's own time counts its TTA pass too
-        print(f"  the evaluate stage's TTA pass {mean_sd([run['tta_seconds'] for run in runs], 3)} s; training plus "
+        print(f"  the TTA pass {mean_sd([run['tta_seconds'] for run in runs], 3)} s; training plus "
               f"it {mean_sd([run['train_seconds'] + run['tta_seconds'] for run in runs], 3)} s")  # fmt: skip
     if target_seconds is not None:
         slowest = max(run["train_seconds"] for run in runs)

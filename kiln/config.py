@@ -213,9 +213,9 @@ class TrainConfig(Section):
         "their coefficient is weight_decay / bias_lr_scale, since their lr is bias_lr_scale times larger (airbench)",
     )
     whiten_bias_epochs: int | None = Field(
-        None, ge=0, description="fastnet families: the whitening layer's bias trains at the base lr (not times "
-        "bias_lr_scale) for this many epochs, then its lr is zero (with lookahead it moves once more, at the next "
-        "pull), as in airbench (3); None: it trains like the other biases",
+        None, ge=0, description="fastnet families: the whitening layer's bias trains for this many epochs at the lr "
+        "whiten_bias_schedule gives it, then its lr is zero (with lookahead it moves once more, at the next pull), "
+        "as in airbench (3); None: it trains like the other biases",
     )
     whiten_bias_schedule: Literal["base_lr", "shift_lr_to_zero"] = Field(
         "base_lr", description="with whiten_bias_epochs, how the whitening bias's lr runs: base_lr: the base lr, "
@@ -271,7 +271,8 @@ class TrainConfig(Section):
     def _schedule_needs_whitening_epochs(cls, value: str, info: ValidationInfo) -> str:
         if value != "base_lr" and "whiten_bias_epochs" in info.data and info.data["whiten_bias_epochs"] is None:
             raise ValueError(f"{value} schedules the whitening bias over train.whiten_bias_epochs, which is not set: "
-                             "add --set train.whiten_bias_epochs=3")  # fmt: skip
+                             "add --set train.whiten_bias_epochs=3 (fastnet families only), or --set "
+                             "train.whiten_bias_schedule=base_lr")  # fmt: skip
         return value
 
     @field_validator("optimizer")

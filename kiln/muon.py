@@ -55,12 +55,34 @@ def orthogonalized(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> to
     return matrix.to(update.dtype)
 
 
+class CompiledOrthogonalization:
+    """`orthogonalized` through torch.compile (or `compiled`, for tests); eager for good, with one warning, once
+    compiling fails, so that later optimizers in the process (a proxy's, the next run's) do not try again."""
+
+    def __init__(self, compiled: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self._compiled = compiled or torch.compile(orthogonalized)
+        self.failed = False
+
+    def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                return self._compiled(matrix)
+            except torch.OutOfMemoryError:
+                raise  # the step itself does not fit: eager would not either
+            except Exception as error:  # e.g. no C compiler for the CPU backend: a slower step, not a failed run
+                LOGGER.warning(f"muon: compiling the orthogonalization failed ({error.__class__.__name__}: {error}); "
+                               "running it eagerly")  # fmt: skip
+                self.failed = True
+        return orthogonalized(matrix)
+
+
 @functools.cache
-def compiled_orthogonalized() -> Callable[[torch.Tensor], torch.Tensor]:
-    """`orthogonalized` through torch.compile, built once per process so that every optimizer reuses its kernels: on
-    a GPU, eager mode launches some 30 small kernels per filter and step, which a short run's steps wait on (the
-    CIFAR-10 record compiles it too). Shapes after the first two share one dynamic-shape graph."""
-    return torch.compile(orthogonalized)
+def compiled_orthogonalized() -> CompiledOrthogonalization:
+    """The process's one CompiledOrthogonalization, which every optimizer shares with its kernels: on a GPU, eager
+    mode launches some 30 small kernels per filter and step, which a short run's steps wait on (the CIFAR-10 record
+    compiles it too). Dynamo compiles a few graphs (one more once a tall matrix comes), then one dynamic-shape graph
+    serves every further shape."""
+    return CompiledOrthogonalization()
 
 
 class Muon(torch.optim.Optimizer):
@@ -69,8 +91,8 @@ class Muon(torch.optim.Optimizer):
     that matrix (the factor keeps a tall matrix's step as large, relative to its norm, as a wide one's). Per-group
     options: lr, momentum, weight_decay (coupled, as SGD's; orthogonalized groups take none: their norm is fixed),
     orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA); `compile_orthogonalization`
-    runs the Newton-Schulz iteration through torch.compile (compiled_orthogonalized; eager again, with a warning,
-    if compiling fails). Under fp16 a GradScaler unscales the gradients first and checks them for inf on the host,
+    runs the Newton-Schulz iteration through torch.compile (compiled_orthogonalized; eager, with a warning, if
+    compiling fails). Under fp16 a GradScaler unscales the gradients first and checks them for inf on the host,
     so each step waits for the GPU (torch's fused SGD alone takes that check on the device): prefer bf16."""
 
     def __init__(
@@ -97,7 +119,7 @@ class Muon(torch.optim.Optimizer):
             if group["weight_decay"] > 0:
                 raise ValueError("an orthogonalized group holds its weights at a fixed norm: give it weight_decay 0")
         self.fused = fused
-        self._compiled = compiled_orthogonalized() if compile_orthogonalization else None
+        self._orthogonalized = compiled_orthogonalized() if compile_orthogonalization else orthogonalized
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -123,16 +145,6 @@ class Muon(torch.optim.Optimizer):
             for parameter, buffer in zip(parameters, buffers):
                 self.state[parameter]["momentum_buffer"] = buffer
         return loss
-
-    def _orthogonalized(self, matrix: torch.Tensor) -> torch.Tensor:
-        if self._compiled is not None:
-            try:
-                return self._compiled(matrix)
-            except Exception as error:  # e.g. no C compiler for the CPU backend: a slower step, not a failed run
-                LOGGER.warning(f"muon: compiling the orthogonalization failed ({error.__class__.__name__}: {error}); "
-                               "running it eagerly")  # fmt: skip
-                self._compiled = None
-        return orthogonalized(matrix)
 
     def _orthogonal_step(self, parameter: torch.Tensor, buffer: torch.Tensor | None, group: dict[str, Any]
                          ) -> torch.Tensor:  # fmt: skip

@@ -135,9 +135,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False, c
     Parameter groups: the weights (decayed); norm shifts and biases at bias_lr_scale times the lr (decayed only with
     decay_biases); with whiten_bias_epochs, a fastnet's whitening bias on its own (group name WHITENING_BIAS_GROUP),
     at the base lr, or the shifts' with whiten_bias_schedule=shift_lr_to_zero, which make_scheduler stops after
-    those epochs; with muon, the convolution filters last, at
-    muon_lr and muon_momentum, orthogonalized and held at a fixed norm instead of decayed. Frozen parameters
-    (FastNet's whitening filters, set from the data) are left out."""
+    those epochs; with muon, the convolution filters last, at muon_lr and muon_momentum, orthogonalized and held at
+    a fixed norm instead of decayed. Frozen parameters (FastNet's whitening filters, set from the data) are left
+    out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     whitening_bias = _scheduled_whitening_bias(model, config)
     filters = _muon_filters(model, trainable) if config.optimizer == "muon" else []

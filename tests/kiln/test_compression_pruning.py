@@ -163,8 +163,10 @@ def test_fine_tuning_an_unstructured_fastnet_keeps_its_frozen_whitening(tmp_path
     assert weight_sparsity(sparse) > 0.45
 
 
-@pytest.mark.parametrize("whiten_bias_epochs, stays", [(None, False), (3, True)])
-def test_fine_tuning_keeps_a_stopped_whitening_bias_where_training_left_it(tmp_path, whiten_bias_epochs, stays):
+@pytest.mark.parametrize("whiten_bias_epochs, schedule, stays", [(None, "base_lr", False), (3, "base_lr", True),
+                                                                  (3, "shift_lr_to_zero", True)])
+def test_fine_tuning_keeps_a_stopped_whitening_bias_where_training_left_it(tmp_path, whiten_bias_epochs, schedule,
+                                                                           stays):  # fmt: skip
     import numpy as np
 
     from kiln.compression.finetune import fine_tune
@@ -180,7 +182,7 @@ def test_fine_tuning_keeps_a_stopped_whitening_bias_where_training_left_it(tmp_p
     labels = rng.integers(0, 3, size=48)
     prep = Preprocessing(8, 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     recipe = TrainConfig(model="fastnet", batch_size=16, optimizer="sgd", lr=0.1, validation_fraction=0.0,
-                         whiten_bias_epochs=whiten_bias_epochs)  # fmt: skip
+                         whiten_bias_epochs=whiten_bias_epochs, whiten_bias_schedule=schedule)  # fmt: skip
     fine_tune(model, AugmentedImages(images, labels, None), prep, recipe, resolve_runtime("cpu", "fp32"), 2, 1.0,
               tmp_path / "checkpoint.pt")  # fmt: skip
     assert torch.equal(model.whiten.bias, bias) == stays

@@ -184,13 +184,15 @@ WHITENING_SCHEDULE = {"model": "fastnet", "optimizer": "sgd", "lr": 0.05, "momen
 
 
 MUON = {"model": "fastnet", "optimizer": "muon", "lr": 0.05, "momentum": 0.85, "bias_lr_scale": 8, "muon_lr": 0.1}
+# airbench's Muon record: the whitening bias at the shifts' lr, falling to 0 over 3 epochs, across the resume
+MUON_RECORD = {**MUON, "decay_biases": True, "whiten_bias_epochs": 3, "whiten_bias_schedule": "shift_lr_to_zero"}
 
 
 @pytest.mark.parametrize("settings, flip", [({}, "random"), ({"lookahead_steps": 2}, "alternate"),
                                             (WHITENING_SCHEDULE, "random"), (MUON, "random"),
-                                            ({"keep_hardest": 0.5}, "random")],
+                                            (MUON_RECORD, "alternate"), ({"keep_hardest": 0.5}, "random")],
                          ids=["plain", "lookahead-alternating-flip", "fastnet-whitening-schedule",
-                              "fastnet-muon", "hard-examples"])  # fmt: skip
+                              "fastnet-muon", "fastnet-muon-record", "hard-examples"])  # fmt: skip
 def test_an_interrupted_device_path_run_resumes_to_the_same_curve(tmp_path, settings, flip):
     straight, straight_model = _train(tmp_path, "straight", flip=flip, data_path="device", **settings)
 

@@ -93,21 +93,30 @@ def _filter_steps(optimizer_options: dict, shapes=((8, 4, 3, 3), (64, 3, 3, 3), 
     return [parameter.detach().clone() for parameter in filters]
 
 
-def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eager_one(monkeypatch):
+def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eager_one(monkeypatch, caplog):
     """compile_orthogonalization (on CUDA runs that compile) must trace without graph breaks for every filter shape,
     wide and tall, and move the filters as the eager iteration does. Dynamo's eager backend checks the tracing
     without paying for code generation; inductor's kernels are torch's to get right."""
     import kiln.muon
 
     traced = torch.compile(orthogonalized, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
-    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: traced)
-    compiled = _filter_steps({"compile_orthogonalization": True})
+    calls = []
+
+    def counted(matrix):
+        calls.append(matrix.shape)
+        return traced(matrix)
+
+    shared = kiln.muon.CompiledOrthogonalization(counted)
+    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: shared)
+    with caplog.at_level("WARNING", logger="kiln.muon"):
+        compiled = _filter_steps({"compile_orthogonalization": True})
+    assert len(calls) == 6 and not shared.failed and "eagerly" not in caplog.text  # 3 filters, 2 steps, no fallback
     eager = _filter_steps({})
     for mine, reference in zip(compiled, eager):
         assert torch.allclose(mine, reference, atol=1e-6)
 
 
-def test_a_failing_compiled_orthogonalization_warns_once_and_steps_eagerly(monkeypatch, caplog):
+def test_a_failing_compiled_orthogonalization_warns_once_and_every_optimizer_then_steps_eagerly(monkeypatch, caplog):
     import kiln.muon
 
     calls = []
@@ -116,9 +125,12 @@ def test_a_failing_compiled_orthogonalization_warns_once_and_steps_eagerly(monke
         calls.append(matrix.shape)
         raise RuntimeError("no C compiler")
 
-    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: broken)
+    shared = kiln.muon.CompiledOrthogonalization(broken)
+    monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: shared)
     with caplog.at_level("WARNING", logger="kiln.muon"):
-        steps = _filter_steps({"compile_orthogonalization": True})
-    assert len(calls) == 1 and "running it eagerly" in caplog.text
-    for mine, reference in zip(steps, _filter_steps({})):
-        assert torch.equal(mine, reference)
+        first = _filter_steps({"compile_orthogonalization": True})
+        second = _filter_steps({"compile_orthogonalization": True})  # a later optimizer does not try again
+    assert len(calls) == 1 and shared.failed and caplog.text.count("running it eagerly") == 1
+    for steps in (first, second):
+        for mine, reference in zip(steps, _filter_steps({})):
+            assert torch.equal(mine, reference)
