@@ -19,8 +19,9 @@ from kiln.errors import ConfigError
 
 PROFILE_NAMES = ("quickstart", "cifar10", "cifar10-fast", "cifar10-long", "mnist", "imagefolder")
 DatasetSource = Literal["digits", "cifar10", "mnist", "fashion-mnist", "imagefolder"]
-ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide"]
-FASTNET_MODELS = ("fastnet", "fastnet_wide")  # the families with identity_init() and a whitening layer
+ModelName = Literal["mlp", "simple_cnn", "lenet", "resnet9", "fastnet", "fastnet_wide", "fastnet_lean"]
+FASTNET_MODELS = ("fastnet", "fastnet_wide", "fastnet_lean")  # the families with identity_init() and whitening
+FASTNET_NAMES = f"{', '.join(FASTNET_MODELS[:-1])} and {FASTNET_MODELS[-1]}"  # for messages
 # Families whose every convolution feeds a BatchNorm, so a filter's scale does not change what they compute: Muon
 # (train.optimizer=muon) may hold each filter tensor at a fixed norm instead of decaying it.
 NORMALIZED_CONV_MODELS = (*FASTNET_MODELS, "resnet9")
@@ -252,8 +253,7 @@ class TrainConfig(Section):
     def _identity_init_needs_fastnet(cls, value: bool, info: ValidationInfo) -> bool:
         model = _model_outside(info, FASTNET_MODELS)
         if value and model:
-            families = " and ".join(FASTNET_MODELS)
-            raise ValueError(f"applies to the {families} models, not {model} (the cifar10-fast and cifar10-long "
+            raise ValueError(f"applies to the {FASTNET_NAMES} models, not {model} (the cifar10-fast and cifar10-long "
                              "profiles turn it on): add --set train.identity_init=false")  # fmt: skip
         return value
 
@@ -262,7 +262,7 @@ class TrainConfig(Section):
     def _whitening_needs_fastnet(cls, value: int | None, info: ValidationInfo) -> int | None:
         model = _model_outside(info, FASTNET_MODELS)
         if value is not None and model:
-            raise ValueError(f"applies to the whitening layer of the {' and '.join(FASTNET_MODELS)} models, not "
+            raise ValueError(f"applies to the whitening layer of the {FASTNET_NAMES} models, not "
                              f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
         return value
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from kiln.errors import ConfigError, IntegrityError
 from kiln.models.cnn import LeNet, SimpleCNN
-from kiln.models.fastnet import FastNet, FastNetWide
+from kiln.models.fastnet import FastNet, FastNetLean, FastNetWide
 from kiln.models.mlp import MLP
 from kiln.models.resnet import ResNet9
 
@@ -26,6 +26,7 @@ MODEL_FAMILIES: dict[str, type[nn.Module]] = {
     "resnet9": ResNet9,
     "fastnet": FastNet,
     "fastnet_wide": FastNetWide,
+    "fastnet_lean": FastNetLean,
 }
 WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "model.json"

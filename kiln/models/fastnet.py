@@ -82,9 +82,11 @@ class ConvGroup(nn.Sequential):
 
 class ResidualConvGroup(nn.Module):
     """A ConvGroup with a third conv: conv -> pool -> BN -> GELU = x; then x + (conv -> BN -> GELU -> conv -> BN
-    -> GELU)(x). The skip lets the deeper group train as fast as the shallow one in a short schedule."""
+    -> GELU)(x), or with `activate_after_add` GELU(x + (conv -> BN -> GELU -> conv -> BN)(x)). The skip lets the
+    deeper group train as fast as the shallow one in a short schedule."""
 
-    def __init__(self, in_channels: int, out_channels: int, pool: bool, norm_momentum: float):
+    def __init__(self, in_channels: int, out_channels: int, pool: bool, norm_momentum: float,
+                 activate_after_add: bool = False):  # fmt: skip
         super().__init__()
         self.entry = nn.Sequential(
             _conv(in_channels, out_channels),
@@ -92,24 +94,21 @@ class ResidualConvGroup(nn.Module):
             _norm(out_channels, norm_momentum),
             nn.GELU(),
         )
-        self.body = nn.Sequential(
-            _conv(out_channels, out_channels),
-            _norm(out_channels, norm_momentum),
-            nn.GELU(),
-            _conv(out_channels, out_channels),
-            _norm(out_channels, norm_momentum),
-            nn.GELU(),
-        )
+        body = [_conv(out_channels, out_channels), _norm(out_channels, norm_momentum), nn.GELU(),
+                _conv(out_channels, out_channels), _norm(out_channels, norm_momentum)]  # fmt: skip
+        # GELU has no parameters, so either layout keeps the same state_dict keys.
+        self.body = nn.Sequential(*body) if activate_after_add else nn.Sequential(*body, nn.GELU())
+        self.exit = nn.GELU() if activate_after_add else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.entry(images)
-        return features + self.body(features)
+        return self.exit(features + self.body(features))
 
 
 class FastNet(nn.Module):
     """Whitening 2x2 conv, three ConvGroups, global max pool, scaled bias-free linear head. See the module doc.
 
-    `depth` 3 uses ResidualConvGroups (three convs per group) instead: see FastNetWide."""
+    `depth` 3 uses ResidualConvGroups (three convs per group) instead: see FastNetWide and FastNetLean."""
 
     def __init__(
         self,
@@ -122,6 +121,7 @@ class FastNet(nn.Module):
         norm_momentum: float = 0.4,
         whitening_eps: float = 5e-4,
         depth: int = 2,
+        activate_after_add: bool = False,
     ):
         super().__init__()
         if min(height, width) < WHITENING_KERNEL:
@@ -145,8 +145,10 @@ class FastNet(nn.Module):
             pool = min(rows, cols) >= 2
             if pool:
                 rows, cols = rows // 2, cols // 2
-            group = ResidualConvGroup if depth == 3 else ConvGroup
-            groups.append(group(channels, group_width, pool, norm_momentum))
+            if depth == 3:
+                groups.append(ResidualConvGroup(channels, group_width, pool, norm_momentum, activate_after_add))
+            else:
+                groups.append(ConvGroup(channels, group_width, pool, norm_momentum))
             channels = group_width
         self.features = nn.Sequential(
             nn.GELU(),
@@ -243,4 +245,16 @@ class FastNetWide(FastNet):
 
     def __init__(self, in_channels: int, height: int, width: int, num_classes: int, **options):
         options = {"widths": (128, 512, 512), "depth": 3, **options}
+        super().__init__(in_channels, height, width, num_classes, **options)
+
+
+class FastNetLean(FastNet):
+    """The later, leaner airbench96 network (its repository's legacy/airbench96.py, 96.0 % on CIFAR-10 in 25 % less
+    time than airbench 0.1.8's train96 on FastNetWide's shape, and airbench96_faster.py's main network): groups of
+    128/384/512 channels with three convolutions each, GELU after the residual add, and torch's default BatchNorm
+    momentum (0.1: the run is thousands of steps, not hundreds). About 3/4 of FastNetWide's arithmetic. Written
+    from those descriptions."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int, **options):
+        options = {"widths": (128, 384, 512), "depth": 3, "norm_momentum": 0.1, "activate_after_add": True, **options}
         super().__init__(in_channels, height, width, num_classes, **options)

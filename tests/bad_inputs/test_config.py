@@ -92,8 +92,8 @@ def test_muon_settings_out_of_range_or_on_the_wrong_model(store_root):
     config_fails(
         store_root,
         "invalid configuration:\n  train.optimizer: Value error, muon holds each convolution's filters at a fixed "
-        "norm, which only models that normalize after every convolution tolerate (fastnet, fastnet_wide, resnet9), "
-        "not simple_cnn: add --set train.optimizer=sgd (got 'muon')",
+        "norm, which only models that normalize after every convolution tolerate (fastnet, fastnet_wide, "
+        "fastnet_lean, resnet9), not simple_cnn: add --set train.optimizer=sgd (got 'muon')",
         overrides=["train.optimizer=muon"],
     )
 
@@ -119,7 +119,8 @@ def test_keep_hardest_must_be_a_share_strictly_between_0_and_1(store_root):
 def test_unknown_model(store_root):
     config_fails(
         store_root,
-        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9', 'fastnet' or 'fastnet_wide' (got 'vgg')",
+        "invalid configuration:\n  train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9', 'fastnet', "
+        "'fastnet_wide' or 'fastnet_lean' (got 'vgg')",
         overrides=["train.model=vgg"],
     )
 
@@ -144,9 +145,9 @@ def test_wrong_type(store_root):
 def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(store_root):
     config_fails(
         store_root,
-        "invalid configuration:\n  train.identity_init: Value error, applies to the fastnet and fastnet_wide models, "
-        "not resnet9 (the cifar10-fast and cifar10-long profiles turn it on): add --set train.identity_init=false "
-        "(got True)",
+        "invalid configuration:\n  train.identity_init: Value error, applies to the fastnet, fastnet_wide and "
+        "fastnet_lean models, not resnet9 (the cifar10-fast and cifar10-long profiles turn it on): add --set "
+        "train.identity_init=false (got True)",
         profile="cifar10-fast", overrides=["train.model=resnet9"],
     )  # fmt: skip
     config_fails(

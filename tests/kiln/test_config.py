@@ -60,7 +60,8 @@ def test_unknown_section():
         ("train.epochs=-1", "train.epochs: Input should be greater than or equal to 1"),
         ("train.epochs=many", "train.epochs: Input should be a valid integer"),
         ("train.lr=.nan", "train.lr"),
-        ("train.model=vgg99", "train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9', 'fastnet' or 'fastnet_wide'"),
+        ("train.model=vgg99", "train.model: Input should be 'mlp', 'simple_cnn', 'lenet', 'resnet9', 'fastnet', "
+                              "'fastnet_wide' or 'fastnet_lean'"),
         ("data.test_fraction=1.5", "data.test_fraction"),
         ("package.model_name=Bad Name!", "package.model_name"),
     ],

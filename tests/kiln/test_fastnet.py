@@ -12,7 +12,7 @@ from torch import nn
 from kiln.config import CompressConfig
 from kiln.models import MODEL_FAMILIES, ModelSpec, build_model, load_model, save_model
 from kiln.errors import ConfigError
-from kiln.models.fastnet import FastNet, FastNetWide, ResidualConvGroup
+from kiln.models.fastnet import FastNet, FastNetLean, FastNetWide, ResidualConvGroup
 from kiln.onnx_export import export_onnx, torch_probabilities
 from kiln.onnx_tools import INPUT_NAME
 from kiln.runtime.preprocess import Preprocessing
@@ -50,6 +50,7 @@ def patch_features(model: FastNet, images: torch.Tensor) -> torch.Tensor:
 def test_registered_as_a_model_family():
     assert MODEL_FAMILIES["fastnet"] is FastNet
     assert MODEL_FAMILIES["fastnet_wide"] is FastNetWide
+    assert MODEL_FAMILIES["fastnet_lean"] is FastNetLean
 
 
 def test_the_wide_variant_has_three_convolutions_per_group_with_a_skip():
@@ -64,10 +65,28 @@ def test_the_wide_variant_has_three_convolutions_per_group_with_a_skip():
         assert torch.allclose(group(features), entry + group.body(entry))
 
 
-@pytest.mark.parametrize("family", [FastNet, FastNetWide])
-def test_running_statistics_keep_airbenchs_weight_on_the_running_value(family):
+def test_the_lean_variant_is_airbench96s_later_network_with_gelu_after_the_residual_add():
+    model = FastNetLean(3, 32, 32, 10)
+    groups = [module for module in model.features if isinstance(module, ResidualConvGroup)]
+    assert [group.entry[0].out_channels for group in groups] == [128, 384, 512]
+    assert sum(isinstance(module, nn.Conv2d) for module in model.modules()) == 1 + 3 * 3
+    group = groups[0].eval()
+    features = torch.randn(2, 24, 31, 31)
+    with torch.no_grad():
+        entry = group.entry(features)
+        inner = group.body[:5](entry)  # conv -> BN -> GELU -> conv -> BN
+        assert torch.allclose(group(features), nn.functional.gelu(entry + inner))
+        assert not torch.allclose(group(features), entry + nn.functional.gelu(inner))
+    # GELU has no parameters: both layouts name their weights alike, so the wide family's saved models still load.
+    wide = FastNetWide(3, 32, 32, 10).state_dict()
+    assert [key for key in model.state_dict() if "features.1." in key] == [key for key in wide if "features.1." in key]
+
+
+@pytest.mark.parametrize("family, newest_weight", [(FastNet, 0.4), (FastNetWide, 0.4), (FastNetLean, 0.1)])
+def test_running_statistics_keep_their_recipes_weight_on_the_running_value(family, newest_weight):
     """airbench's BatchNorm momentum 0.6 is the running value's weight: one training batch moves the running mean
-    0.4 of the way to the batch's mean, in every norm of both widths."""
+    0.4 of the way to the batch's mean, in every norm of FastNet and FastNetWide. The later airbench96 network
+    (FastNetLean) keeps torch's default, 0.1."""
     model = family(3, 32, 32, 10).train()
     norms = [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
     batch_means = []
@@ -78,7 +97,7 @@ def test_running_statistics_keep_airbenchs_weight_on_the_running_value(family):
     for hook in hooks:
         hook.remove()
     for norm, batch_mean in zip(norms, batch_means, strict=True):
-        torch.testing.assert_close(norm.running_mean, 0.4 * batch_mean)
+        torch.testing.assert_close(norm.running_mean, newest_weight * batch_mean)
 
 
 def test_depths_other_than_two_or_three_are_refused():
@@ -227,7 +246,7 @@ def test_identity_init_makes_each_square_convolution_pass_its_input_through(dept
     assert torch.equal(model.whiten.weight, FastNet(3, 8, 8, 3, widths=SMALL, depth=depth).whiten.weight)
 
 
-@pytest.mark.parametrize("name", ["fastnet", "fastnet_wide"])
+@pytest.mark.parametrize("name", ["fastnet", "fastnet_wide", "fastnet_lean"])
 def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_path, name):
     torch.manual_seed(0)
     images, labels = learnable_batch()
@@ -246,14 +265,15 @@ def test_saved_model_reloads_with_identical_outputs_without_preparing_again(tmp_
         assert torch.equal(reloaded(images), model(images))
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_onnx_export_matches_torch_and_quantizes_to_int8(tmp_path, depth):
+@pytest.mark.parametrize("depth, activate_after_add", [(2, False), (3, False), (3, True)],
+                         ids=["fastnet", "fastnet_wide", "fastnet_lean"])  # fmt: skip
+def test_onnx_export_matches_torch_and_quantizes_to_int8(tmp_path, depth, activate_after_add):
     from kiln.compression.quantization import quantize_int8
 
     torch.manual_seed(0)
     images = correlated_images(64, 3, 32)
     labels = torch.arange(64) % 10
-    model = FastNet(3, 32, 32, 10, widths=SMALL, depth=depth)
+    model = FastNet(3, 32, 32, 10, widths=SMALL, depth=depth, activate_after_add=activate_after_add)
     model.prepare(images)
     train_steps(model, images, labels, steps=2)
     model.eval()
