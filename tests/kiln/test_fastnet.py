@@ -103,6 +103,8 @@ def test_running_statistics_keep_their_recipes_weight_on_the_running_value(famil
 def test_depths_other_than_two_or_three_are_refused():
     with pytest.raises(ConfigError, match="fastnet depth must be 2 or 3"):
         FastNet(3, 32, 32, 10, depth=4)
+    with pytest.raises(ConfigError, match="after a residual add, which only depth 3 has"):
+        FastNet(3, 32, 32, 10, depth=2, activate_after_add=True)
 
 
 @pytest.mark.parametrize(("height", "width", "channels"), [(32, 32, 3), (28, 28, 1), (8, 8, 1)])
