@@ -53,31 +53,25 @@ def test_registered_as_a_model_family():
     assert MODEL_FAMILIES["fastnet_lean"] is FastNetLean
 
 
-def test_the_wide_variant_has_three_convolutions_per_group_with_a_skip():
-    model = FastNetWide(3, 32, 32, 10)
+@pytest.mark.parametrize("family, widths, activate_after_add", [(FastNetWide, [128, 512, 512], False),
+                                                                 (FastNetLean, [128, 384, 512], True)],
+                         ids=["wide", "lean"])  # fmt: skip
+def test_the_deep_variants_have_three_convolutions_per_group_with_a_skip(family, widths, activate_after_add):
+    """fastnet_wide adds the GELU'd body to its input; fastnet_lean (airbench96's later network) applies the GELU
+    after the add."""
+    model = family(3, 32, 32, 10)
     groups = [module for module in model.features if isinstance(module, ResidualConvGroup)]
-    assert [group.entry[0].out_channels for group in groups] == [128, 512, 512]
-    assert sum(isinstance(module, nn.Conv2d) for module in model.modules()) == 1 + 3 * 3
-    group = groups[0].eval()
-    features = torch.randn(2, 24, 31, 31)
-    with torch.no_grad():
-        entry = group.entry(features)
-        assert torch.allclose(group(features), entry + group.body(entry))
-
-
-def test_the_lean_variant_is_airbench96s_later_network_with_gelu_after_the_residual_add():
-    model = FastNetLean(3, 32, 32, 10)
-    groups = [module for module in model.features if isinstance(module, ResidualConvGroup)]
-    assert [group.entry[0].out_channels for group in groups] == [128, 384, 512]
+    assert [group.entry[0].out_channels for group in groups] == widths
     assert sum(isinstance(module, nn.Conv2d) for module in model.modules()) == 1 + 3 * 3
     group = groups[0].eval()
     features = torch.randn(2, 24, 31, 31)
     with torch.no_grad():
         entry = group.entry(features)
         inner = group.body[:5](entry)  # conv -> BN -> GELU -> conv -> BN
-        assert torch.allclose(group(features), nn.functional.gelu(entry + inner))
-        assert not torch.allclose(group(features), entry + nn.functional.gelu(inner))
-    # GELU has no parameters: both layouts name their weights alike, so the wide family's saved models still load.
+        before_add, after_add = entry + nn.functional.gelu(inner), nn.functional.gelu(entry + inner)
+        expected, other = (after_add, before_add) if activate_after_add else (before_add, after_add)
+        assert torch.allclose(group(features), expected) and not torch.allclose(group(features), other)
+    # GELU has no parameters: both layouts name their weights alike, so saved wide models load as before.
     wide = FastNetWide(3, 32, 32, 10).state_dict()
     assert [key for key in model.state_dict() if "features.1." in key] == [key for key in wide if "features.1." in key]
 
