@@ -255,9 +255,9 @@ def _bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, ste
     channels_last = runtime.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cuda = runtime.device.type == "cuda"
-    optimizer = make_optimizer(model, config, fused=cuda, compile_orthogonalization=cuda and config.compile == "on")
-    step_model = torch.compile(model) if config.compile == "on" else model
+    cuda, compile_model = runtime.device.type == "cuda", config.compile == "on"
+    optimizer = make_optimizer(model, config, fused=cuda, compile_orthogonalization=cuda and compile_model)
+    step_model = torch.compile(model) if compile_model else model
     height, width, channels = dataset.image_shape
     inputs = torch.randn(config.batch_size, channels, height, width, device=runtime.device)
     if channels_last:

@@ -143,17 +143,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False, c
     filters = _muon_filters(model, trainable) if config.optimizer == "muon" else []
     decay = [p for p in trainable if p.ndim > 1 and not any(p is f for f in filters)]
     biases = [p for p in trainable if p.ndim <= 1 and p is not whitening_bias]
-    # Without decay_biases: decaying norm shifts only fights the normalization. With it, airbench's choice: the same
-    # shrinkage per step for every parameter (lr x coefficient), whatever its lr.
-    bias_decay = config.weight_decay / config.bias_lr_scale if config.decay_biases else 0.0
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
-        {"params": biases, "weight_decay": bias_decay, "lr": config.lr * config.bias_lr_scale},
-    ]
+        {"params": biases, "weight_decay": _bias_decay(config, config.bias_lr_scale),
+         "lr": config.lr * config.bias_lr_scale},
+    ]  # fmt: skip
     if whitening_bias is not None:
         scale = config.bias_lr_scale if config.whiten_bias_schedule == "shift_lr_to_zero" else 1.0
         groups.append({"params": [whitening_bias], "name": WHITENING_BIAS_GROUP, "lr": config.lr * scale,
-                       "weight_decay": config.weight_decay / scale if config.decay_biases else 0.0})  # fmt: skip
+                       "weight_decay": _bias_decay(config, scale)})  # fmt: skip
     if config.optimizer == "muon":
         groups.append({"params": filters, "lr": config.muon_lr, "momentum": config.muon_momentum,
                        "weight_decay": 0.0, "orthogonalize": True})  # fmt: skip
@@ -166,6 +164,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig, fused: bool = False, c
 
 
 WHITENING_BIAS_GROUP = "whitening_bias"
+
+
+def _bias_decay(config: TrainConfig, lr_scale: float) -> float:
+    """The coupled decay coefficient of a bias group trained at lr x `lr_scale`. Without decay_biases, none:
+    decaying norm shifts only fights the normalization. With it, airbench's choice: the same shrinkage per step
+    (lr x coefficient) as the weights, whatever the group's lr."""
+    return config.weight_decay / lr_scale if config.decay_biases else 0.0
 
 
 def _muon_filters(model: nn.Module, trainable: list[nn.Parameter]) -> list[nn.Parameter]:
