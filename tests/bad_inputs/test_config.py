@@ -78,6 +78,22 @@ def test_learning_rate_nan(store_root, tmp_path):
     )  # fmt: skip
 
 
+def test_a_whitening_schedule_without_its_epochs_or_of_an_unknown_kind(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.whiten_bias_schedule: Value error, shift_lr_to_zero schedules the whitening "
+        "bias over train.whiten_bias_epochs, which is not set: add --set train.whiten_bias_epochs=3 (fastnet "
+        "families only), or --set train.whiten_bias_schedule=base_lr (got 'shift_lr_to_zero')",
+        overrides=["train.model=fastnet", "train.whiten_bias_schedule=shift_lr_to_zero"],
+    )
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.whiten_bias_schedule: Input should be 'base_lr' or 'shift_lr_to_zero' "
+        "(got 'linear')",
+        overrides=["train.model=fastnet", "train.whiten_bias_epochs=3", "train.whiten_bias_schedule=linear"],
+    )
+
+
 def test_muon_settings_out_of_range_or_on_the_wrong_model(store_root):
     config_fails(
         store_root,
