@@ -262,8 +262,9 @@ class TrainConfig(Section):
     def _whitening_needs_fastnet(cls, value: int | None, info: ValidationInfo) -> int | None:
         model = _model_outside(info, FASTNET_MODELS)
         if value is not None and model:
-            raise ValueError(f"applies to the whitening layer of the {FASTNET_NAMES} models, not "
-                             f"{model}: add --set train.whiten_bias_epochs=null")  # fmt: skip
+            raise ValueError(f"applies to the whitening layer of the {FASTNET_NAMES} models, not {model} (the "
+                             "cifar10-fast and cifar10-long profiles set it): add --set "
+                             "train.whiten_bias_epochs=null")  # fmt: skip
         return value
 
     @field_validator("whiten_bias_schedule")
@@ -290,7 +291,7 @@ class TrainConfig(Section):
     def _one_weight_average(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and info.data.get("ema_decay") is not None:
             raise ValueError("and train.ema_decay both average the weights, so only one can be set (the "
-                             "cifar10-fast and cifar10-long profiles use lookahead): add --set "
+                             "cifar10-long profile uses lookahead): add --set "
                              "train.lookahead_steps=null or --set train.ema_decay=null")  # fmt: skip
         return value
 

@@ -163,7 +163,9 @@ def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(sto
         store_root,
         "invalid configuration:\n  train.identity_init: Value error, applies to the fastnet, fastnet_wide and "
         "fastnet_lean models, not resnet9 (the cifar10-fast and cifar10-long profiles turn it on): add --set "
-        "train.identity_init=false (got True)",
+        "train.identity_init=false (got True)\n  train.whiten_bias_epochs: Value error, applies to the whitening "
+        "layer of the fastnet, fastnet_wide and fastnet_lean models, not resnet9 (the cifar10-fast and cifar10-long "
+        "profiles set it): add --set train.whiten_bias_epochs=null (got 3)",
         profile="cifar10-fast", overrides=["train.model=resnet9"],
     )  # fmt: skip
     config_fails(
@@ -175,9 +177,9 @@ def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(sto
     config_fails(
         store_root,
         "invalid configuration:\n  train.lookahead_steps: Value error, and train.ema_decay both average the weights, "
-        "so only one can be set (the cifar10-fast and cifar10-long profiles use lookahead): add --set "
+        "so only one can be set (the cifar10-long profile uses lookahead): add --set "
         "train.lookahead_steps=null or --set train.ema_decay=null (got 5)",
-        profile="cifar10-fast", overrides=["train.ema_decay=0.99"],
+        profile="cifar10-long", overrides=["train.ema_decay=0.99"],
     )  # fmt: skip
 
 

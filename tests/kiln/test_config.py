@@ -106,14 +106,6 @@ def test_the_registry_with_a_remote_store_is_refused_before_anything_runs():
     assert load_config("quickstart", None, ["store.root=memory://somewhere", "package.registry=false"])
 
 
-def test_the_long_recipe_is_the_fast_one_on_the_wide_model_with_cutout():
-    fast, long = load_config("cifar10-fast"), load_config("cifar10-long")
-    assert (long.train.model, long.train.epochs, long.augment.cutout) == ("fastnet_wide", 40, 12)
-    changed = {"model", "epochs"}
-    assert long.train.model_dump(exclude=changed) == fast.train.model_dump(exclude=changed)
-    assert long.augment.crop_padding == fast.augment.crop_padding and long.evaluate.tta == fast.evaluate.tta
-
-
 def test_a_profile_that_extends_itself_is_refused(monkeypatch):
     from kiln import config as config_module
 
