@@ -14,8 +14,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from sweep_choice import best_settings  # benchmarks/, the script's own folder
+import fit_trace  # benchmarks/, the script's own folder, as is sweep_choice
+from sweep_choice import best_settings
 
+SUMMARY_TRACE_ROWS = 8  # of each trace's operators: the summary must fit the tail the device tool returns
 VARIANTS = ("kiln_probs", "kiln_logits_wtd", "airbench_probs", "airbench_logits_wtd")
 
 
@@ -28,6 +30,10 @@ def main(folder: Path) -> None:
     for path in reports:
         report = json.loads(path.read_text())
         print(f"\n## {path.stem}: --set {' '.join(report.get('overrides', [])) or '(none)'}")
+        if report.get("host"):
+            host, after = report["host"], report.get("host_after", {})
+            print(f"host: {host['cpus']} CPUs ({host['cpu_model']}), load average {host['load_average'][0]} at the "
+                  f"start, {after.get('load_average', ['?'])[0]} at the end")  # fmt: skip
         if report.get("sweep"):
             print_sweep(path, report["sweep"])
         fit = report.get("fit_seconds")
@@ -36,6 +42,8 @@ def main(folder: Path) -> None:
                   f"{fit['epochs']} epochs")  # fmt: skip
         for recipe in report.get("recipe", []):
             print_recipe(recipe, fit["seconds"] if fit and recipe["epochs"] == fit["epochs"] else None)
+        if report.get("trace"):
+            print("trace: " + fit_trace.format_summary(report["trace"], rows=SUMMARY_TRACE_ROWS))
         for trainer, runs in report.get("airbench", {}).items():
             scores = [accuracy for accuracy, _ in runs if accuracy is not None]
             seconds = [time for _, time in runs if time is not None]
@@ -71,6 +79,10 @@ def print_recipe(recipe: dict, target_seconds: float | None) -> None:
     if all("tta_seconds" in run for run in runs):  # airbench's own time counts its TTA pass too
         print(f"  the TTA pass {mean_sd([run['tta_seconds'] for run in runs], 3)} s; training plus "
               f"it {mean_sd([run['train_seconds'] + run['tta_seconds'] for run in runs], 3)} s")  # fmt: skip
+    epochs = sorted(seconds for run in runs for seconds in run.get("epoch_seconds", []))
+    if epochs:  # a noisy host shows as a median far above the fastest epoch (RESULTS.md, third GPU session)
+        print(f"  epochs: fastest {epochs[0]:.3f} s, median {statistics.median(epochs):.3f} s, slowest "
+              f"{epochs[-1]:.3f} s")  # fmt: skip
     if target_seconds is not None:
         slowest = max(run["train_seconds"] for run in runs)
         verdict = "within" if slowest <= target_seconds else "OVER"

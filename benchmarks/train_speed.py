@@ -48,6 +48,7 @@ from kiln.runtime.preprocess import Preprocessing  # noqa: E402
 from kiln.training import (  # noqa: E402
     AugmentedImages, Runtime, cudnn_autotuned, fit, make_optimizer, predict_probabilities, resolve_runtime,
 )
+import fit_trace  # noqa: E402  (benchmarks/, the script's own folder, as is sweep_choice)
 from sweep_choice import best_settings, grid_combinations  # noqa: E402  (benchmarks/, the script's own folder)
 
 FIT_PROBE_EPOCHS = 3  # --fit-seconds' probe: the first epoch compiles and warms up, the others are timed
@@ -61,10 +62,12 @@ def main(argv: list[str]) -> None:
     print(f"# command: python benchmarks/train_speed.py {' '.join(argv)}")
     print(f"# data: {dataset.name}, {len(dataset.train_labels)} train / {len(dataset.test_labels)} test images "
           f"{dataset.image_shape}")  # fmt: skip
+    host = host_state()
+    print(f"# host: {host['cpus']} CPUs ({host['cpu_model']}), load average {host['load_average']}")
     chosen = [setting for report in args.best_of for setting in best_settings(Path(report))]
     args.overrides = chosen + args.overrides  # a later report's choice overrides an earlier one's; --set beats both
     results: dict = {"device": device_name(runtime), "date": str(date.today()), "command": argv,
-                     "overrides": args.overrides}  # fmt: skip
+                     "overrides": args.overrides, "host": host}  # fmt: skip
 
     def save() -> None:  # after every section: a run stopped at its time limit keeps what it measured
         if args.json_out:  # whole or not at all: a later --best-of reads it, maybe after this run was killed
@@ -88,8 +91,13 @@ def main(argv: list[str]) -> None:
             lengths = sorted(set(lengths) | {results["fit_seconds"]["epochs"]})
         for epochs in lengths:
             recipe_benchmark(dataset, args, epochs, results.setdefault("recipe", []), save)
+    if args.trace:
+        results["trace"] = trace_benchmark(dataset, args)
+        save()
     if args.airbench:
         airbench_benchmark(dataset, args, results.setdefault("airbench", {}), save)
+    results["host_after"] = host_state()
+    save()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -131,6 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
                         "key it varied, the value with the highest mean accuracy with TTA overrides the profile, "
                         "unless --set sets that key (repeatable)")  # fmt: skip
+    parser.add_argument("--trace", type=_positive_int, metavar="EPOCHS", help="also profile one run of the recipe "
+                        "this many epochs long (benchmarks/fit_trace.py): device and host time a step, top operators")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -323,6 +333,22 @@ def epochs_within(dataset: ImageDataset, args: argparse.Namespace) -> dict:
     return {"seconds": args.fit_seconds, "probe_epoch_seconds": epoch_seconds, "epochs": epochs}
 
 
+def trace_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
+    """One run of the recipe under torch.profiler, after the warm-up run (compiled graphs and cuDNN's choices come
+    from it, as for the timed runs)."""
+    config = load_config(args.profile, overrides=args.overrides)
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    warm_up(dataset, config, args)
+    with fit_trace.profiled(runtime.device) as profiler:
+        row = train_once(dataset, config, seed=0, epochs=args.trace, evaluate=False)
+    steps = args.trace * (len(dataset.train_labels) // min(config.train.batch_size, len(dataset.train_labels)))
+    summary = fit_trace.summarize(profiler, row["train_seconds"], steps)
+    print(f"\n## trace: profile {args.profile} ({config.train.model}, batch {config.train.batch_size}, "
+          f"{runtime.precision}, compile {config.train.compile}), {args.trace} epochs under torch.profiler")
+    print(fit_trace.format_summary(summary), flush=True)
+    return summary
+
+
 def warm_up(dataset: ImageDataset, config, args: argparse.Namespace) -> None:
     """A short unreported run first: the first CUDA use and cuDNN's algorithm choices are not timed."""
     if args.warmup_epochs:
@@ -497,6 +523,21 @@ def _working_directory(path: Path):
 def synchronize(runtime: Runtime) -> None:
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def host_state() -> dict:
+    """The CPU that issues the GPU's work, and how busy it is: a small network's steps wait on it."""
+    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average": [round(value, 2) for value in load]}
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def device_name(runtime: Runtime) -> str:

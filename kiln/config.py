@@ -184,6 +184,11 @@ class TrainConfig(Section):
     compile: Literal["auto", "on", "off"] = Field(
         "auto", description="torch.compile the model; auto: on CUDA when the run is long enough to repay compiling",
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode when the model is compiled: reduce-overhead replays each step's "
+        "kernels as CUDA graphs (far fewer launches, for small networks whose steps wait on the host; one process "
+        "only); max-autotune-no-cudagraphs times kernel variants while compiling",
+    )
     ema_decay: float | None = Field(
         None, ge=0, lt=1, description="keep an exponential moving average of the weights (e.g. 0.99); evaluated and "
         "saved instead of the raw weights",
@@ -284,6 +289,14 @@ class TrainConfig(Section):
             raise ValueError(f"muon holds each convolution's filters at a fixed norm, which only models that "
                              f"normalize after every convolution tolerate ({', '.join(NORMALIZED_CONV_MODELS)}), "
                              f"not {model}: add --set train.optimizer=sgd")  # fmt: skip
+        return value
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _mode_needs_compiling(cls, value: str, info: ValidationInfo) -> str:
+        if value != "default" and info.data.get("compile") == "off":
+            raise ValueError(f"{value} is how torch.compile compiles, but train.compile=off compiles nothing: add "
+                             "--set train.compile=on, or --set train.compile_mode=default")  # fmt: skip
         return value
 
     @field_validator("lookahead_steps")

@@ -60,6 +60,12 @@ def launch_training(
         raise ConfigError(f"train.devices={processes} but only {gpus} GPU(s) are visible; set train.devices=auto")
     if processes > 1 and config.keep_hardest is not None:
         raise ConfigError(ONE_PROCESS_ONLY)
+    if processes > 1 and config.compile_mode == "reduce-overhead":
+        raise ConfigError(
+            "train.compile_mode=reduce-overhead (CUDA graphs) trains in one process only: kiln has not been checked "
+            "with data-parallel gradients under CUDA graphs. Add --set train.devices=1, or --set "
+            "train.compile_mode=default"
+        )
     if config.batch_size % processes:
         raise ConfigError(
             f"train.batch_size={config.batch_size} is the global batch and must divide evenly among {processes} "

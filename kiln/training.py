@@ -315,7 +315,8 @@ class Objective:
 
 
 # compile=auto: below this many steps, compiling costs more than it saves. On an H200 (benchmarks/RESULTS.md) it took
-# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps); ResNet-9 saves ~3.7 ms a step (issue #7).
+# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps; on the third session's noisier host compiled
+# fastnet epochs were no faster at all); ResNet-9 saves ~3.7 ms a step (issue #7).
 COMPILE_MIN_STEPS = 10_000
 PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
 
@@ -577,7 +578,7 @@ def compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_step
     if not compile_wanted(config, runtime, total_steps):
         return model
     try:
-        return torch.compile(model)
+        return torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
     except Exception as error:  # e.g. no C compiler for the CPU backend: train uncompiled rather than fail
         LOGGER.warning(f"torch.compile is unavailable ({error.__class__.__name__}: {error}); training uncompiled")
         return model

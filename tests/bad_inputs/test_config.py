@@ -16,8 +16,8 @@ from tests.bad_inputs.conftest import fails_cleanly
 
 TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum, muon_lr, muon_momentum, "
               "label_smoothing, validation_fraction, schedule, device, precision, num_workers, data_path, compile, "
-              "ema_decay, warmup_fraction, initial_lr_fraction, final_lr_fraction, lookahead_steps, identity_init, "
-              "bias_lr_scale, decay_biases, whiten_bias_epochs, whiten_bias_schedule, keep_hardest, "
+              "compile_mode, ema_decay, warmup_fraction, initial_lr_fraction, final_lr_fraction, lookahead_steps, "
+              "identity_init, bias_lr_scale, decay_biases, whiten_bias_epochs, whiten_bias_schedule, keep_hardest, "
               "checkpoint_interval_s, devices, seed")
 MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
 KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
@@ -181,6 +181,16 @@ def test_the_fast_profiles_settings_that_a_changed_model_or_data_cannot_keep(sto
         "train.lookahead_steps=null or --set train.ema_decay=null (got 5)",
         profile="cifar10-long", overrides=["train.ema_decay=0.99"],
     )  # fmt: skip
+
+
+def test_a_compile_mode_without_compiling(store_root):
+    config_fails(
+        store_root,
+        "invalid configuration:\n  train.compile_mode: Value error, reduce-overhead is how torch.compile compiles, "
+        "but train.compile=off compiles nothing: add --set train.compile=on, or --set train.compile_mode=default "
+        "(got 'reduce-overhead')",
+        overrides=["train.compile=off", "train.compile_mode=reduce-overhead"],
+    )
 
 
 def test_an_alternating_flip_without_flips(store_root):

@@ -15,7 +15,9 @@ from kiln.device_data import DeviceBatches, _crop, _reflect_pad
 from kiln.errors import ConfigError
 from kiln.models import ModelSpec, build_model
 from kiln.runtime.preprocess import Preprocessing
-from kiln.training import AugmentedImages, fit, predict_probabilities, resolve_runtime, training_batches
+from kiln.training import (
+    AugmentedImages, compiled, fit, predict_probabilities, resolve_runtime, training_batches,
+)
 from tests.conftest import make_blobs_dataset
 
 CPU = torch.device("cpu")
@@ -266,6 +268,30 @@ def test_gpu_only_settings_degrade_on_the_cpu(tmp_path, caplog):
     assert history[0]["data_path"] == "loader"  # auto on the CPU: the DataLoader path, as before
     runtime = resolve_runtime("cuda", "fp16")
     assert runtime.device.type == "cpu" and runtime.precision == "fp32" and len(runtime.notes) == 2
+
+
+@pytest.mark.parametrize("mode, asked", [("default", None), ("reduce-overhead", "reduce-overhead"),
+                                         ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_mode_is_the_mode_torch_compile_gets(monkeypatch, mode, asked):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    model = torch.nn.Linear(2, 2)
+    config = TrainConfig(compile="on", compile_mode=mode)
+    assert compiled(model, config, resolve_runtime("cpu", "fp32"), total_steps=10) is model
+    assert calls == [{"mode": asked}]
+    calls.clear()  # compile=auto on the CPU compiles nothing, whatever the mode
+    assert compiled(model, TrainConfig(compile_mode=mode), resolve_runtime("cpu", "fp32"), 10**6) is model
+    assert calls == []
+
+
+def test_cuda_graphs_are_refused_for_data_parallel_training_before_anything_starts(tmp_path):
+    from kiln.distributed import launch_training
+
+    config = TrainConfig(model="simple_cnn", compile="on", compile_mode="reduce-overhead", devices=2, device="cpu")
+    with pytest.raises(ConfigError, match=r"reduce-overhead \(CUDA graphs\) trains in one process only.*"
+                                          r"--set train.devices=1, or --set train.compile_mode=default"):
+        launch_training(tmp_path / "nowhere", {"ops": []}, config, tmp_path / "x.pt", tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_a_transform_without_its_policy_falls_back_to_the_loader_path(caplog):
