@@ -77,7 +77,7 @@ run() {
     # fast: cifar10-fast as it is (Muon in the record's shape, uncompiled as compile=auto runs it), at as many
     #   epochs as fit the time target, 5 seeds; then a 2-epoch profiler trace (benchmarks/fit_trace.py): how busy
     #   the GPU is, and which operators take the host's time.
-    # fast-compiled: the same compiled, at 8 epochs, 3 seeds, and its trace. In the third session compiled epochs
+    # fast-compiled: the same compiled, 3 seeds, and its trace. In the third session compiled epochs
     #   (0.22-0.41 s) were no faster than uncompiled ones on a noisy host, where the second session had measured
     #   0.187 s against 0.235 s; the two traces show which part of the step compiling changes.
     # fast-cudagraphs: the same with train.compile_mode=reduce-overhead: each step's kernels replayed as CUDA graphs,
@@ -97,7 +97,7 @@ run() {
     if grep -q H200 "$OUT/device.txt" 2>/dev/null; then fast_s=1.92 long_s=18.9; fi
     local compiled=(--set train.compile=on)
     local fast=(--fit-seconds "$fast_s" --runs 5 --first-seed 1 --trace 2)
-    local fast_compiled=("${compiled[@]}" --epochs 8 --runs 3 --first-seed 1 --trace 2)
+    local fast_compiled=("${compiled[@]}" --fit-seconds "$fast_s" --runs 3 --first-seed 1 --trace 2)
     local fast_cudagraphs=("${fast_compiled[@]}" --set train.compile_mode=reduce-overhead)
     local long=("${compiled[@]}" --profile cifar10-long --fit-seconds "$long_s" --runs 3 --first-seed 1 --trace 2)
     local long_bf16=("${long[@]}" --set train.precision=bf16)

@@ -42,6 +42,8 @@ def main(folder: Path) -> None:
                   f"{fit['epochs']} epochs")  # fmt: skip
         for recipe in report.get("recipe", []):
             print_recipe(recipe, fit["seconds"] if fit and recipe["epochs"] == fit["epochs"] else None)
+        for line in warnings_of(path.with_suffix(".log")):
+            print(f"log: {line}")
         if report.get("trace"):
             print("trace: " + fit_trace.format_summary(report["trace"], rows=SUMMARY_TRACE_ROWS))
         for trainer, runs in report.get("airbench", {}).items():
@@ -49,6 +51,17 @@ def main(folder: Path) -> None:
             seconds = [time for _, time in runs if time is not None]
             print(f"{trainer}: TTA {mean_sd(scores)} in {mean_sd(seconds, 2)} s ({len(runs)} runs: "
                   f"{', '.join(f'{accuracy}' for accuracy in scores)})")  # fmt: skip
+
+
+def warnings_of(log: Path) -> list[str]:
+    """The lines of a section's stderr that change how to read its times: torch.compile giving up on CUDA graphs
+    (compile_mode=reduce-overhead then runs as plain compiled code), recompiling, or falling back to eager."""
+    if not log.exists():
+        return []
+    flagged = ("skipping cudagraphs", "recompil", "falling back", "training uncompiled", "graph break")
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if any(flag in line.lower() for flag in flagged)]  # fmt: skip
+    return list(dict.fromkeys(line[:200] for line in lines))[:5]  # each distinct line once, a few at most
 
 
 def print_sweep(report: Path, rows: list[dict]) -> None:
