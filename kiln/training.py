@@ -578,7 +578,11 @@ def compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_step
     if not compile_wanted(config, runtime, total_steps):
         return model
     try:
-        return torch.compile(model, mode=None if config.compile_mode == "default" else config.compile_mode)
+        # Static shapes: a fit's batches all have one shape (full batches; the hard-example selector keeps a fixed
+        # count), and its proxy shares FastNet.forward with the main model, so with automatic dynamic shapes the
+        # second batch size that code sees would make both graphs symbolic in the batch (and rule out CUDA graphs).
+        mode = None if config.compile_mode == "default" else config.compile_mode
+        return torch.compile(model, mode=mode, dynamic=False)
     except Exception as error:  # e.g. no C compiler for the CPU backend: train uncompiled rather than fail
         LOGGER.warning(f"torch.compile is unavailable ({error.__class__.__name__}: {error}); training uncompiled")
         return model

@@ -278,7 +278,7 @@ def test_compile_mode_is_the_mode_torch_compile_gets(monkeypatch, mode, asked):
     model = torch.nn.Linear(2, 2)
     config = TrainConfig(compile="on", compile_mode=mode)
     assert compiled(model, config, resolve_runtime("cpu", "fp32"), total_steps=10) is model
-    assert calls == [{"mode": asked}]
+    assert calls == [{"mode": asked, "dynamic": False}]
     calls.clear()  # compile=auto on the CPU compiles nothing, whatever the mode
     assert compiled(model, TrainConfig(compile_mode=mode), resolve_runtime("cpu", "fp32"), 10**6) is model
     assert calls == []
