@@ -42,6 +42,10 @@ def main(folder: Path) -> None:
                   f"{fit['epochs']} epochs")  # fmt: skip
         for recipe in report.get("recipe", []):
             print_recipe(recipe, fit["seconds"] if fit and recipe["epochs"] == fit["epochs"] else None)
+        counters = report.get("compile_counters") or {}
+        if any(counters.values()):
+            print(f"compile: {counters.get('graphs')} graph(s), {counters.get('graph_breaks')} graph break(s), "
+                  f"{counters.get('cudagraph_skips')} CUDA-graph skip(s)")  # fmt: skip
         for line in warnings_of(path.with_suffix(".log")):
             print(f"log: {line}")
         if report.get("trace"):

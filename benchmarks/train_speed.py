@@ -97,6 +97,7 @@ def main(argv: list[str]) -> None:
     if args.airbench:
         airbench_benchmark(dataset, args, results.setdefault("airbench", {}), save)
     results["host_after"] = host_state()
+    results["compile_counters"] = compile_counters()
     save()
 
 
@@ -139,8 +140,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
                         "key it varied, the value with the highest mean accuracy with TTA overrides the profile, "
                         "unless --set sets that key (repeatable)")  # fmt: skip
-    parser.add_argument("--trace", type=_positive_int, metavar="EPOCHS", help="also profile one run of the recipe "
-                        "this many epochs long (benchmarks/fit_trace.py): device and host time a step, top operators")
+    parser.add_argument("--trace", action="store_true", help="also profile one whole epoch of a run of the recipe "
+                        "(benchmarks/fit_trace.py): device and host time a step, how busy the device is, top operators")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")
     parser.add_argument("--airbench-trainers", type=lambda text: text.split(","), default=["train94", "train96"])
     parser.add_argument("--json-out")
@@ -339,12 +340,13 @@ def trace_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
     config = load_config(args.profile, overrides=args.overrides)
     runtime = resolve_runtime(config.train.device, config.train.precision)
     warm_up(dataset, config, args)
-    with fit_trace.profiled(runtime.device) as profiler:
-        row = train_once(dataset, config, seed=0, epochs=args.trace, evaluate=False)
-    steps = args.trace * (len(dataset.train_labels) // min(config.train.batch_size, len(dataset.train_labels)))
-    summary = fit_trace.summarize(profiler, row["train_seconds"], steps)
+    with fit_trace.EpochTrace(runtime.device) as trace:
+        train_once(dataset, config, seed=0, epochs=fit_trace.TRACED_EPOCH + 1, evaluate=False, on_epoch=trace.on_epoch)
+    steps = len(dataset.train_labels) // min(config.train.batch_size, len(dataset.train_labels))  # full batches only
+    summary = trace.summary(steps)
     print(f"\n## trace: profile {args.profile} ({config.train.model}, batch {config.train.batch_size}, "
-          f"{runtime.precision}, compile {config.train.compile}), {args.trace} epochs under torch.profiler")
+          f"{runtime.precision}, compile {config.train.compile}/{config.train.compile_mode}), epoch "
+          f"{fit_trace.TRACED_EPOCH} of {fit_trace.TRACED_EPOCH + 1} under torch.profiler")  # fmt: skip
     print(fit_trace.format_summary(summary), flush=True)
     return summary
 
@@ -378,7 +380,8 @@ def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[
                   f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
 
 
-def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = None, evaluate: bool = True) -> dict:
+def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = None, evaluate: bool = True,
+               on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train the config's model on the whole training split; its training and fit-call seconds and test accuracy."""
     prep = preprocessing(dataset)
     spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
@@ -391,7 +394,8 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
     with tempfile.TemporaryDirectory() as scratch:
         synchronize(runtime)
         started = time.perf_counter()
-        history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt")
+        history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt",
+                      on_epoch=on_epoch)
         synchronize(runtime)
         wall = time.perf_counter() - started
     row = {"seed": seed, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
@@ -523,6 +527,15 @@ def _working_directory(path: Path):
 def synchronize(runtime: Runtime) -> None:
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def compile_counters() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks, and the graphs CUDA graphs skipped
+    (compile_mode=reduce-overhead then runs them as plain compiled code; TORCH_LOGS=cudagraphs says why)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}  # fmt: skip
 
 
 def host_state() -> dict:

@@ -315,7 +315,7 @@ class Objective:
 
 
 # compile=auto: below this many steps, compiling costs more than it saves. On an H200 (benchmarks/RESULTS.md) it took
-# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps; on the third session's noisier host compiled
+# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps; on the eighth session's noisier host compiled
 # fastnet epochs were no faster at all); ResNet-9 saves ~3.7 ms a step (issue #7).
 COMPILE_MIN_STEPS = 10_000
 PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
@@ -580,7 +580,9 @@ def compiled(model: nn.Module, config: TrainConfig, runtime: Runtime, total_step
     try:
         # Static shapes: a fit's batches all have one shape (full batches; the hard-example selector keeps a fixed
         # count), and its proxy shares FastNet.forward with the main model, so with automatic dynamic shapes the
-        # second batch size that code sees would make both graphs symbolic in the batch (and rule out CUDA graphs).
+        # second batch size that code sees would make both graphs symbolic in the batch. Each further shape (or
+        # model, dtype, grad mode) in one process compiles a graph of its own, up to dynamo's recompile limit (8
+        # per function), after which that function runs eagerly.
         mode = None if config.compile_mode == "default" else config.compile_mode
         return torch.compile(model, mode=mode, dynamic=False)
     except Exception as error:  # e.g. no C compiler for the CPU backend: train uncompiled rather than fail

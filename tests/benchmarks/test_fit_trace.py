@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -14,27 +15,35 @@ fit_trace = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fit_trace)
 
 
-def test_a_cpu_trace_names_the_operators_that_took_the_host_time_and_claims_no_device_time():
-    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    inputs, labels = torch.randn(128, 256), torch.randint(0, 10, (128,))
+def test_only_the_traced_epoch_counts_and_the_host_time_is_named_by_operator():
+    """Set-up and epoch 1 are the profiler's warm-up and epoch 3 comes after it: only epoch 2's work is summed."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.GELU())
+    images = torch.randn(8, 3, 32, 32)
+    matrix = torch.randn(256, 256)
+    per_epoch = {1: lambda: matrix @ matrix, 2: lambda: model(images).sum().backward(), 3: lambda: matrix @ matrix}
 
-    with fit_trace.profiled(torch.device("cpu")) as profiler:
-        for _ in range(5):
-            loss = torch.nn.functional.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    summary = fit_trace.summarize(profiler, training_seconds=0.5, steps=5)
+    with fit_trace.EpochTrace(torch.device("cpu")) as trace:
+        matrix @ matrix  # set-up
+        for epoch in (1, 2, 3):
+            for _ in range(5):
+                per_epoch[epoch]()
+            trace.on_epoch({"epoch": epoch, "seconds": 0.5})
+    summary = trace.summary(steps_per_epoch=5)
 
-    assert summary["steps"] == 5 and summary["host_ms_per_step"] > 0
-    assert summary["device_ms_per_step"] == 0 and summary["busy_share"] is None and summary["kernels_per_step"] == 0
     operators = [row["operator"] for row in summary["top_host"]]
-    assert any(name in operators for name in ("aten::addmm", "aten::mm")), operators
+    assert any("conv" in name for name in operators), operators
+    assert not any(name in ("aten::mm", "aten::matmul") for name in operators), operators
+    assert summary["steps"] == 5 and summary["training_seconds"] == 0.5 and summary["host_ms_per_step"] > 0
+    assert summary["device_ms_per_step"] == 0 and summary["busy_share"] is None and summary["kernels_per_step"] == 0
     assert len(operators) <= fit_trace.TOP_OPERATORS
-    assert [row["host_ms"] for row in summary["top_host"]] == sorted(
-        (row["host_ms"] for row in summary["top_host"]), reverse=True
-    )
+    host_ms = [row["host_ms"] for row in summary["top_host"]]
+    assert host_ms == sorted(host_ms, reverse=True)
     text = fit_trace.format_summary(summary)
-    assert text.startswith("5 steps in 0.5 s of training") and "device busy" not in text
-    assert "| aten::" in text
+    assert text.startswith("5 steps in 0.5 s of training") and "device busy" not in text and "| aten::" in text
+
+
+def test_a_run_shorter_than_the_traced_epoch_says_so():
+    with fit_trace.EpochTrace(torch.device("cpu")) as trace:
+        trace.on_epoch({"epoch": 1, "seconds": 0.1})
+    with pytest.raises(RuntimeError, match="the run ended before its epoch 2 was traced"):
+        trace.summary(steps_per_epoch=1)

@@ -17,7 +17,8 @@ def test_the_fast_recipes_train_on_the_cpu_as_they_are(profile, tmp_path):
     """Each record-speed profile's whole combination of settings (cifar10-fast: Muon, the whitening bias's own
     schedule, the alternating flip; cifar10-long: fastnet_lean, Cutout inside the image, Lookahead, fp16, which the
     CPU replaces by fp32) trains on the CPU as it is, only smaller: a few steps lower the loss well below chance's."""
-    config = load_config(profile, overrides=["train.batch_size=32", "train.epochs=8"])
+    # the device data path, as on a GPU: it runs the alternating flip (the CPU's loader path flips at random)
+    config = load_config(profile, overrides=["train.batch_size=32", "train.epochs=8", "train.data_path=device"])
     data_dir = tmp_path / "blobs"
     data_dir.mkdir()
     write_dataset(data_dir, make_blobs_dataset(classes=3, per_class_train=48, size=16))
@@ -28,4 +29,4 @@ def test_the_fast_recipes_train_on_the_cpu_as_they_are(profile, tmp_path):
     losses = [row["train_loss"] for row in result.history]
     # ln 3 is the loss of a model that has learnt nothing about the 3 classes
     assert len(losses) == 8 and losses[-1] < 0.8 * math.log(3)
-    assert result.runtime.precision == "fp32"
+    assert result.runtime.precision == "fp32" and result.history[0]["data_path"] == "device"
