@@ -539,7 +539,9 @@ def compile_counters() -> dict:
 
 
 def host_state() -> dict:
-    """The CPU that issues the GPU's work, and how busy it is: a small network's steps wait on it."""
+    """The CPU that issues the GPU's work, and how busy it is: a small network's steps wait on it. The load average
+    at a section's start still carries the one before it (and torch.compile's worker processes): read it beside
+    the epochs' spread, not alone."""
     model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
