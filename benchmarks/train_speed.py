@@ -46,7 +46,8 @@ from kiln.dataset import ImageDataset, channel_statistics  # noqa: E402
 from kiln.models import ModelSpec, build_model  # noqa: E402
 from kiln.runtime.preprocess import Preprocessing  # noqa: E402
 from kiln.training import (  # noqa: E402
-    AugmentedImages, Runtime, cudnn_autotuned, fit, make_optimizer, predict_probabilities, resolve_runtime,
+    AugmentedImages, Runtime, compiled, cudnn_autotuned, fit, optimizer_for_run, predict_probabilities,
+    resolve_runtime,
 )
 import fit_trace  # noqa: E402  (benchmarks/, the script's own folder, as is sweep_choice)
 from sweep_choice import best_settings, grid_combinations  # noqa: E402  (benchmarks/, the script's own folder)
@@ -266,9 +267,9 @@ def _bare_loop_images_per_s(dataset: ImageDataset, runtime: Runtime, config, ste
     channels_last = runtime.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    cuda, compile_model = runtime.device.type == "cuda", config.compile == "on"
-    optimizer = make_optimizer(model, config, fused=cuda, compile_orthogonalization=cuda and compile_model)
-    step_model = torch.compile(model) if compile_model else model
+    # as fit builds them: fused on CUDA, compiled (Muon's iteration too) as config.compile says
+    optimizer = optimizer_for_run(model, config, runtime, steps)
+    step_model = compiled(model, config, runtime, steps)
     height, width, channels = dataset.image_shape
     inputs = torch.randn(config.batch_size, channels, height, width, device=runtime.device)
     if channels_last:
