@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+import device_summary  # benchmarks/ (tests/benchmarks/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def device_summary():
-    sys.path.insert(0, str(BENCHMARKS))  # it imports its neighbours (fit_trace, sweep_choice) as the script does
-    try:
-        spec = importlib.util.spec_from_file_location("device_summary", BENCHMARKS / "device_summary.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def test_a_sections_log_lines_that_change_how_to_read_its_times_are_shown_once_each(device_summary, tmp_path):
+def test_a_sections_log_lines_that_change_how_to_read_its_times_are_shown_once_each(tmp_path):
     log = tmp_path / "fast-cudagraphs.log"
     log.write_text("I an ordinary line\nskipping cudagraphs due to mutated inputs (2 instances)\n"
                    "skipping cudagraphs due to mutated inputs (2 instances)\nW Recompiling function forward\n")
@@ -33,7 +16,7 @@ def test_a_sections_log_lines_that_change_how_to_read_its_times_are_shown_once_e
     assert device_summary.warnings_of(tmp_path / "absent.log") == []
 
 
-def test_the_summary_shows_the_host_the_epochs_spread_and_the_trace(device_summary, tmp_path, capsys):
+def test_the_summary_shows_the_host_the_epochs_spread_and_the_trace(tmp_path, capsys):
     run = {"seed": 1, "train_seconds": 1.9, "fit_wall_seconds": 2.1, "epoch_seconds": [0.25, 0.23, 0.41],
            "accuracy": 0.9, "accuracy_tta": 0.91}  # fmt: skip
     trace = {"training_seconds": 0.5, "steps": 50, "device_ms_per_step": 4.0, "host_ms_per_step": 9.0,

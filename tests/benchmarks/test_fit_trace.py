@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
+import fit_trace  # benchmarks/ (tests/benchmarks/conftest.py)
 import pytest
 import torch
-
-_SPEC = importlib.util.spec_from_file_location(
-    "fit_trace", Path(__file__).resolve().parents[2] / "benchmarks" / "fit_trace.py"
-)
-fit_trace = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(fit_trace)
 
 
 def test_only_the_traced_epoch_counts_and_the_host_time_is_named_by_operator():

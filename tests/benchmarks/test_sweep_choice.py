@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
-_SPEC = importlib.util.spec_from_file_location(
-    "sweep_choice", Path(__file__).resolve().parents[2] / "benchmarks" / "sweep_choice.py"
-)
-sweep_choice = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sweep_choice)
+import sweep_choice  # benchmarks/ (tests/benchmarks/conftest.py)
 
 PARITY = [  # the device plan's parity grid
     ("train.weight_decay", ["5e-4", "1.33e-3"]),
