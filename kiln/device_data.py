@@ -80,6 +80,10 @@ class DeviceBatches:
         self.scale = (1.0 / (255.0 * torch.tensor(prep.std, device=device))).view(shape)
         self.shift = (-torch.tensor(prep.mean, device=device) / torch.tensor(prep.std, device=device)).view(shape)
         self.height, self.width = images.shape[1], images.shape[2]
+        # Index ranges made once: in eager mode each tensor made per batch is one more launch the host must issue
+        self.rows = torch.arange(self.height, device=device)
+        self.columns = torch.arange(self.width, device=device)
+        self.channels = torch.arange(prep.channels, device=device)
 
     def __len__(self) -> int:
         return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)
@@ -88,10 +92,12 @@ class DeviceBatches:
         """Pass `number` (from 1) in a random order: (normalized float images [B, C, H, W], labels [B]) on the
         device."""
         draws = self._draw(generator, number)  # every rank draws the same numbers from one seed: the same batches
+        draws["labels"] = self.labels[draws["order"]]
         for batch in range(len(self)):
-            chosen = torch.arange(batch * self.batch_size, min((batch + 1) * self.batch_size, self.count),
-                                  device=self.device)[self.rank :: self.world_size]  # fmt: skip
-            yield self._augment(draws, chosen), self.labels[draws["order"][chosen]]
+            start = batch * self.batch_size
+            # this rank's share of the batch's positions: a slice, so every draw below is a view, not a gather
+            chosen = slice(start + self.rank, min(start + self.batch_size, self.count), self.world_size)
+            yield self._augment(draws, chosen), draws["labels"][chosen]
 
     def _draw(self, generator: torch.Generator, number: int) -> dict[str, torch.Tensor]:
         count = self.count
@@ -113,16 +119,17 @@ class DeviceBatches:
             draws["cx"] = torch.randint(0, self.width, (count,), generator=generator)
         return {name: values.to(self.device, non_blocking=True) for name, values in draws.items()}
 
-    def _augment(self, draws: dict[str, torch.Tensor], chosen: torch.Tensor) -> torch.Tensor:
+    def _augment(self, draws: dict[str, torch.Tensor], chosen: slice) -> torch.Tensor:
         order = draws["order"][chosen]
         if self.crop is not None:
-            images = _crop(self.images, order, draws["dy"][chosen], draws["dx"][chosen], self.height, self.width)
+            images = _crop(self.images, order, draws["dy"][chosen], draws["dx"][chosen], self.rows, self.columns,
+                           self.channels)  # fmt: skip
         else:
             images = self.images[order]
         if "flip" in draws:
             images = torch.where(draws["flip"][chosen].view(-1, 1, 1, 1), images.flip(3), images)
         if self.cutout is not None:
-            images = _cut_out(images, draws["cy"][chosen], draws["cx"][chosen], self.cutout)
+            images = _cut_out(images, draws["cy"][chosen], draws["cx"][chosen], self.cutout, self.rows, self.columns)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images.float() * self.scale + self.shift  # (x / 255 - mean) / std, in one fused multiply-add
@@ -189,20 +196,23 @@ def _reflected_indices(size: int, padding: int, device: torch.device) -> torch.T
     return torch.where(positions >= size, 2 * (size - 1) - positions, positions)
 
 
-def _crop(padded: torch.Tensor, order: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, height: int, width: int):
-    """Per-sample crops of `height` x `width` at offsets (dy, dx) of the padded images, as one gather."""
-    rows = (dy.view(-1, 1) + torch.arange(height, device=padded.device)).view(-1, 1, height, 1)
-    columns = (dx.view(-1, 1) + torch.arange(width, device=padded.device)).view(-1, 1, 1, width)
-    channels = torch.arange(padded.shape[1], device=padded.device).view(1, -1, 1, 1)
-    return padded[order.view(-1, 1, 1, 1), channels, rows, columns]
+def _crop(padded: torch.Tensor, order: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, rows: torch.Tensor,
+          columns: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """Per-sample crops of len(rows) x len(columns) at offsets (dy, dx) of the padded images, as one gather;
+    `rows`, `columns`, `channels`: arange(height), arange(width), arange(channels) on the images' device."""
+    height, width = len(rows), len(columns)
+    crop_rows = (dy.view(-1, 1) + rows).view(-1, 1, height, 1)
+    crop_columns = (dx.view(-1, 1) + columns).view(-1, 1, 1, width)
+    return padded[order.view(-1, 1, 1, 1), channels.view(1, -1, 1, 1), crop_rows, crop_columns]
 
 
-def _cut_out(images: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, cutout: _Cutout) -> torch.Tensor:
-    """Fill a size x size square centred at (cy, cx) (clipped at the border) with the fill colour."""
+def _cut_out(images: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, cutout: _Cutout, rows: torch.Tensor,
+             columns: torch.Tensor) -> torch.Tensor:
+    """Fill a size x size square centred at (cy, cx) (clipped at the border) with the fill colour; `rows`,
+    `columns`: arange(height), arange(width) on the images' device."""
     height, width = images.shape[2:]
     low = cutout.size // 2
-    rows = torch.arange(height, device=images.device).view(1, height)
-    columns = torch.arange(width, device=images.device).view(1, width)
+    rows, columns = rows.view(1, height), columns.view(1, width)
     inside_rows = (rows >= (cy.view(-1, 1) - low)) & (rows < (cy.view(-1, 1) - low + cutout.size))
     inside_columns = (columns >= (cx.view(-1, 1) - low)) & (columns < (cx.view(-1, 1) - low + cutout.size))
     mask = (inside_rows.view(-1, 1, height, 1) & inside_columns.view(-1, 1, 1, width))

@@ -37,21 +37,27 @@ NEWTON_SCHULZ_STEPS = 3  # the CIFAR-10 record used 3 (5 is the usual default): 
 
 
 def orthogonalized(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
-    """Approximately U V^T for `update` = U S V^T [rows, cols]: the same shape and dtype, singular values near 1.
+    """Approximately U V^T for `update` = U S V^T [rows, cols], or for each of a batch [n, rows, cols] of matrices of
+    one shape: the same shape and dtype, singular values near 1.
 
     Runs in bfloat16 on CUDA (tensor cores; the result only needs to be roughly orthogonal) and in float32
-    elsewhere, where bfloat16 matmuls are slow and a seeded CPU run must stay exactly reproducible."""
+    elsewhere, where bfloat16 matmuls are slow and a seeded CPU run must stay exactly reproducible. Each iteration is
+    three matrix products, the polynomial's scaling and sums taken inside them (addmm): in eager mode on a GPU every
+    separate operation is a kernel launch the host must issue, and a short run's steps wait on the host."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     matrix = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
-    matrix = matrix / (matrix.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1: inside the iteration's range
-    wide = matrix.shape[0] <= matrix.shape[1]
+    # spectral norm <= Frobenius norm <= 1: inside the iteration's range
+    matrix = matrix / (matrix.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    wide = matrix.shape[-2] <= matrix.shape[-1]
     if not wide:
-        matrix = matrix.T  # iterate on the smaller Gram matrix
+        matrix = matrix.mT  # iterate on the smaller Gram matrix
+    multiply_add = torch.baddbmm if matrix.ndim == 3 else torch.addmm
     for _ in range(steps):
-        gram = matrix @ matrix.T
-        matrix = a * matrix + (b * gram + c * gram @ gram) @ matrix
+        gram = matrix @ matrix.mT
+        polynomial = multiply_add(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram
+        matrix = multiply_add(matrix, polynomial, matrix, beta=a)  # a * matrix + polynomial @ matrix
     if not wide:
-        matrix = matrix.T
+        matrix = matrix.mT
     return matrix.to(update.dtype)
 
 
@@ -79,8 +85,8 @@ class CompiledOrthogonalization:
 @functools.cache
 def compiled_orthogonalized() -> CompiledOrthogonalization:
     """The process's one CompiledOrthogonalization, which every optimizer shares with its kernels: on a GPU, eager
-    mode launches some 30 small kernels per filter and step, which a short run's steps wait on (the CIFAR-10 record
-    compiles it too). Dynamo compiles a few graphs (one more once a tall matrix comes), then one dynamic-shape graph
+    mode launches some 15 small kernels per filter shape and step, which a short run's steps may wait on (the
+    CIFAR-10 record compiles it too). Dynamo compiles a few graphs (one more once a tall matrix comes), then one dynamic-shape graph
     serves every further shape."""
     return CompiledOrthogonalization()
 
@@ -133,8 +139,7 @@ class Muon(torch.optim.Optimizer):
                 continue
             buffers = [self.state[parameter].get("momentum_buffer") for parameter in parameters]
             if group["orthogonalize"]:
-                for index, parameter in enumerate(parameters):
-                    buffers[index] = self._orthogonal_step(parameter, buffers[index], group)
+                buffers = self._orthogonal_steps(parameters, buffers, group)
             else:
                 sgd(
                     parameters, [parameter.grad for parameter in parameters], buffers,
@@ -146,15 +151,62 @@ class Muon(torch.optim.Optimizer):
                 self.state[parameter]["momentum_buffer"] = buffer
         return loss
 
-    def _orthogonal_step(self, parameter: torch.Tensor, buffer: torch.Tensor | None, group: dict[str, Any]
-                         ) -> torch.Tensor:  # fmt: skip
-        gradient = parameter.grad
+    def _orthogonal_steps(self, parameters: list[torch.Tensor], buffers: list[torch.Tensor | None],
+                          group: dict[str, Any]) -> list[torch.Tensor]:  # fmt: skip
+        """One Muon step of every filter in `group`; returns the momentum buffers. The element-wise parts run as one
+        multi-tensor (foreach) operation over all the filters, and filters of one shape are orthogonalized as one
+        batch: on a GPU, eager mode pays a host-side launch per operation, which a small network's steps wait on."""
+        gradients = [parameter.grad for parameter in parameters]
         momentum = group["momentum"]
-        buffer = gradient.clone() if buffer is None else buffer.mul_(momentum).add_(gradient)
-        update = gradient.add(buffer, alpha=momentum)  # Nesterov: look one momentum step ahead
-        rows = parameter.shape[0]
-        columns = parameter.numel() // rows
-        parameter.mul_(math.sqrt(rows) / parameter.norm().clamp_min(1e-12))
-        direction = self._orthogonalized(update.reshape(rows, columns)).view_as(parameter)
-        parameter.add_(direction, alpha=-group["lr"] * math.sqrt(max(1.0, rows / columns)))
-        return buffer
+        held = [index for index, buffer in enumerate(buffers) if buffer is not None]
+        if held:
+            kept = [buffers[index] for index in held]
+            torch._foreach_mul_(kept, momentum)
+            torch._foreach_add_(kept, [gradients[index] for index in held])
+        buffers = [gradient.clone() if buffer is None else buffer for gradient, buffer in zip(gradients, buffers)]
+        updates = torch._foreach_add(gradients, buffers, alpha=momentum)  # Nesterov: look one momentum step ahead
+        shapes = [(parameter.shape[0], parameter.numel() // parameter.shape[0]) for parameter in parameters]
+        scales = torch._foreach_norm(parameters)  # each filter back to norm sqrt(rows)
+        torch._foreach_clamp_min_(scales, 1e-12)
+        torch._foreach_reciprocal_(scales)
+        torch._foreach_mul_(scales, [math.sqrt(rows) for rows, _ in shapes])
+        torch._foreach_mul_(parameters, scales)
+        directions = self._orthogonalized_by_shape(updates, shapes)
+        step_scales = [math.sqrt(max(1.0, rows / columns)) for rows, columns in shapes]
+        if any(scale != 1.0 for scale in step_scales):  # a tall filter steps further (see the class doc)
+            torch._foreach_mul_(directions, step_scales)
+        torch._foreach_add_(parameters, directions, alpha=-group["lr"])
+        return buffers
+
+    def _orthogonalized_by_shape(self, updates: list[torch.Tensor], shapes: list[tuple[int, int]]
+                                 ) -> list[torch.Tensor]:  # fmt: skip
+        """Each update orthogonalized as a [rows, cols] matrix, returned in the update's shape and memory layout."""
+        directions: list[torch.Tensor | None] = [None] * len(updates)
+        for shape in dict.fromkeys(shapes):
+            indices = [index for index, other in enumerate(shapes) if other == shape]
+            matrices = [_matrix_in_memory_order(updates[index]) for index in indices]
+            if len(matrices) == 1:
+                orthogonal = [self._orthogonalized(matrices[0])]
+            else:
+                orthogonal = list(self._orthogonalized(torch.stack(matrices)).unbind(0))
+            for index, matrix in zip(indices, orthogonal):
+                directions[index] = _shaped_like(matrix, updates[index])
+        return directions  # type: ignore[return-value]
+
+
+def _matrix_in_memory_order(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` [rows, ...] as a [rows, cols] matrix whose columns follow its memory order: a view, not a copy, for a
+    contiguous or a channels_last filter. Orthogonalizing commutes with permuting columns ((A P) -> (U V^T) P), so
+    the order of a filter's columns does not change its step, only whether reshaping it costs a copy."""
+    rows = tensor.shape[0]
+    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.permute(0, 2, 3, 1).reshape(rows, -1)
+    return tensor.reshape(rows, -1)
+
+
+def _shaped_like(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of _matrix_in_memory_order for a tensor shaped and laid out like `like`."""
+    if like.ndim == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        rows, channels, height, width = like.shape
+        return matrix.reshape(rows, height, width, channels).permute(0, 3, 1, 2)
+    return matrix.reshape(like.shape)

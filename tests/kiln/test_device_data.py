@@ -53,7 +53,7 @@ def test_reflect_padding_matches_numpy_and_crops_are_translations_of_it():
     expected = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     assert np.array_equal(padded.permute(0, 2, 3, 1).numpy(), expected)
     dy, dx, order = torch.tensor([0, 4, 1, 3]), torch.tensor([4, 0, 2, 1]), torch.tensor([3, 0, 2, 1])
-    crops = _crop(padded, order, dy, dx, 6, 6).permute(0, 2, 3, 1).numpy()
+    crops = _crop(padded, order, dy, dx, torch.arange(6), torch.arange(6), torch.arange(3)).permute(0, 2, 3, 1).numpy()
     for row, index in enumerate(order.tolist()):
         y, x = int(dy[row]), int(dx[row])
         assert np.array_equal(crops[row], expected[index, y : y + 6, x : x + 6])

@@ -95,7 +95,7 @@ def _filter_steps(optimizer_options: dict, shapes=((8, 4, 3, 3), (64, 3, 3, 3), 
 
 def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eager_one(monkeypatch, caplog):
     """compile_orthogonalization (on CUDA runs that compile) must trace without graph breaks for every filter shape,
-    wide and tall, and move the filters as the eager iteration does. Dynamo's eager backend checks the tracing
+    wide, tall and a batch of one shape, and move the filters as the eager iteration does. Dynamo's eager backend checks the tracing
     without paying for code generation; inductor's kernels are torch's to get right."""
     import kiln.muon
 
@@ -108,10 +108,12 @@ def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eag
 
     shared = kiln.muon.CompiledOrthogonalization(counted)
     monkeypatch.setattr(kiln.muon, "compiled_orthogonalized", lambda: shared)
+    shapes = ((8, 4, 3, 3), (64, 3, 3, 3), (16, 8, 3, 3), (16, 8, 3, 3))  # wide, tall, and a batch of two
     with caplog.at_level("WARNING", logger="kiln.muon"):
-        compiled = _filter_steps({"compile_orthogonalization": True})
-    assert len(calls) == 6 and not shared.failed and "eagerly" not in caplog.text  # 3 filters, 2 steps, no fallback
-    eager = _filter_steps({})
+        compiled = _filter_steps({"compile_orthogonalization": True}, shapes)
+    assert len(calls) == 6 and not shared.failed and "eagerly" not in caplog.text  # 3 shapes, 2 steps, no fallback
+    assert sorted({tuple(shape) for shape in calls}) == [(2, 16, 72), (8, 36), (64, 27)]
+    eager = _filter_steps({}, shapes)
     for mine, reference in zip(compiled, eager):
         assert torch.allclose(mine, reference, atol=1e-6)
 
@@ -134,3 +136,62 @@ def test_a_failing_compiled_orthogonalization_warns_once_and_every_optimizer_the
     for steps in (first, second):
         for mine, reference in zip(steps, _filter_steps({})):
             assert torch.equal(mine, reference)
+
+
+def _plain_newton_schulz(update: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iteration as the Muon write-up states it, one operation at a time (float32, CPU)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    matrix = update / (update.norm() + 1e-7)
+    tall = matrix.shape[0] > matrix.shape[1]
+    if tall:
+        matrix = matrix.T
+    for _ in range(steps):
+        gram = matrix @ matrix.T
+        matrix = a * matrix + (b * gram + c * gram @ gram) @ matrix
+    return matrix.T if tall else matrix
+
+
+@pytest.mark.parametrize("rows, columns", [(64, 216), (256, 64)], ids=["wide", "tall"])
+def test_orthogonalized_is_the_plain_iteration_and_a_batch_is_each_matrix_alone(rows, columns):
+    matrices = [_matrix(rows, columns, condition=2, seed=seed)[0].float() for seed in range(3)]
+    batch = orthogonalized(torch.stack(matrices))
+    assert batch.shape == (3, rows, columns)
+    for matrix, batched in zip(matrices, batch):
+        alone = orthogonalized(matrix)
+        assert torch.allclose(alone, _plain_newton_schulz(matrix, steps=3), atol=1e-5)
+        assert torch.allclose(batched, alone, atol=1e-5)
+
+
+def test_filters_of_one_shape_step_together_as_each_would_alone():
+    """Same-shaped filters are orthogonalized as one batch: the step must be each filter's own."""
+    shapes = ((16, 8, 3, 3), (16, 8, 3, 3), (8, 4, 3, 3), (16, 8, 3, 3))
+    together = _filter_steps({}, shapes)
+    for index, shape in enumerate(shapes):
+        torch.manual_seed(0)
+        filters = [torch.nn.Parameter(torch.randn(other)) for other in shapes]  # the same draws as _filter_steps
+        alone = Muon([{"params": [filters[index]], "orthogonalize": True}], lr=0.2, momentum=0.5)
+        for _ in range(2):
+            for parameter in filters:
+                parameter.grad = torch.randn_like(parameter)
+            alone.step()
+        assert torch.allclose(filters[index].detach(), together[index], atol=1e-5), index
+
+
+def test_channels_last_filters_take_the_same_step_and_keep_their_layout():
+    """On CUDA fit lays the filters out channels_last; Muon reads them as matrices in that memory order (no copy),
+    which permutes the columns, and orthogonalizing commutes with that."""
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8, 3, 3), torch.randn(16, 8, 3, 3), torch.randn(32, 16, 3, 3)]
+    gradients = [[torch.randn_like(tensor) for tensor in start] for _ in range(3)]
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        filters = [torch.nn.Parameter(tensor.clone().contiguous(memory_format=layout)) for tensor in start]
+        optimizer = Muon([{"params": filters, "orthogonalize": True}], lr=0.2, momentum=0.5)
+        for step in gradients:
+            for parameter, gradient in zip(filters, step):
+                parameter.grad = gradient.clone().contiguous(memory_format=layout)
+            optimizer.step()
+        assert all(parameter.is_contiguous(memory_format=layout) for parameter in filters)
+        results.append([parameter.detach() for parameter in filters])
+    for contiguous, channels_last in zip(*results):
+        assert torch.allclose(contiguous, channels_last, atol=1e-5)
