@@ -6,8 +6,8 @@
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
 # `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
-# section's .md, .json and .log of its stderr: fast, fast-compiled, fast-cudagraphs, long, hard-trace, long-bf16,
-# airbench; see run() for what each measures). Earlier GPU runs (2026-11-26, H200, three sessions) measured the
+# section's .md, .json and .log of its stderr: step-ops, fast, fast-compiled, fast-cudagraphs, long, hard-trace,
+# long-bf16, airbench; see run() for what each measures). Earlier GPU runs (2026-11-26, H200, three sessions) measured the
 # feed, airbench94/96, the recipes, sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
@@ -71,9 +71,14 @@ run() {
     # call); every report is written as it goes, so a section cut short keeps what it measured.
     local budget=${BUDGET_S:-560} started=$SECONDS
     setup pydantic,yaml,airbench,kiln.training
-    # The plan for the next session with a GPU (the ninth session; the eighth, the third with a GPU, measured what the
-    # profiles now hold: benchmarks/RESULTS.md). This call measures the profiles as they are against the issue's
-    # targets, 3 seeds or more, and answers its two open questions:
+    # The plan for the next session with a GPU (the eighth session, the third with a GPU, measured what the profiles
+    # now hold: benchmarks/RESULTS.md). This call measures the profiles as they are against the issue's targets, 3
+    # seeds or more, and answers its two open questions:
+    # step-ops: the operations the host dispatches per step of each profile on CUDA (benchmarks/step_ops.py; counts,
+    #   seconds to take). The ninth session (no GPU) cut those of Muon's eager step: the Newton-Schulz products fused
+    #   (addmm), the element-wise updates as foreach operations, same-shaped filters in one batch. On the CPU, which
+    #   counts a foreach operation once per tensor, a cifar10-fast step went from 373 dispatches to 206. If the
+    #   eighth session's steps waited on the host, as its noisy epochs suggest, `fast` now fits more epochs.
     # fast: cifar10-fast as it is (Muon in the record's shape, uncompiled as compile=auto runs it) at its 8 epochs and
     #   at as many as fit the time target, 5 seeds each; then a profiler trace of one epoch (benchmarks/fit_trace.py):
     #   how busy the GPU is, and which operators take the host's time.
@@ -131,13 +136,15 @@ run() {
     }
     rm -f /tmp/kiln-cifar-*.npz
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
-    # Estimated on the H200 from the eighth session (the first section also decodes the JPEGs, ~20 s; a compiled
-    # section's warm-up and probe ~25 s): fast ~75 s, fast-compiled ~50, fast-cudagraphs ~55, long ~97, hard-trace
-    # ~35, long-bf16 ~95, airbench ~70: ~480 s of 560. An H100 takes about 1.25x as long: the shares below give each
+    # Estimated on the H200 from the eighth session (the first section that trains also decodes the JPEGs, ~20 s; a
+    # compiled section's warm-up and probe ~25 s): step-ops ~15 s, fast ~75 s, fast-compiled ~50, fast-cudagraphs
+    # ~55, long ~97, hard-trace ~35, long-bf16 ~95, airbench ~70: ~495 s of 560. An H100 takes about 1.25x as long: the shares below give each
     # measuring section its H100 time (fast ~94 s, the compiled fast ones ~65, hard-trace ~44, the long ones ~120),
     # and airbench, measured in two earlier sessions and in the issue on an H100, goes short first. A trace is
     # written only when its section ends, so hard-trace runs before long-bf16.
-    local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section
+    local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section that trains
+    section step-ops 5 "$PYTHON" benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long \
+        --json-out "$OUT/step-ops.json"
     section fast 18 "${speed[@]}" "${cached[@]}" "${fast[@]}" --json-out "$OUT/fast.json"
     section fast-compiled 15 "${speed[@]}" "${cached[@]}" "${fast_compiled[@]}" --json-out "$OUT/fast-compiled.json"
     section fast-cudagraphs 19 "${speed[@]}" "${cached[@]}" "${fast_cudagraphs[@]}" \

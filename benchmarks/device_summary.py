@@ -50,6 +50,10 @@ def main(folder: Path) -> None:
             print(f"log: {line}")
         if report.get("trace"):
             print("trace: " + fit_trace.format_summary(report["trace"], rows=SUMMARY_TRACE_ROWS))
+        for counts in report.get("step_ops", []):  # benchmarks/step_ops.py
+            top = ", ".join(f"{row['operation']} {row['per_step']:g}" for row in counts["top"][:SUMMARY_TRACE_ROWS])
+            print(f"{counts['profile']} ({counts['device']}, {counts['precision']}): {counts['operations_per_step']} "
+                  f"operations dispatched a step ({counts['views_per_step']} views); {top}")  # fmt: skip
         for trainer, runs in report.get("airbench", {}).items():
             scores = [accuracy for accuracy, _ in runs if accuracy is not None]
             seconds = [time for _, time in runs if time is not None]

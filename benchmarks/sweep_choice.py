@@ -31,12 +31,16 @@ def grid_combinations(axes: list[tuple[str, list[str]]], half: bool = False) -> 
 
 
 def best_settings(report: Path) -> list[str]:
-    """For each key a --json-out report's sweeps varied, its value with the highest mean TTA accuracy, compared only
-    within complete blocks: runs whose other keys have the same values and that together cover every value of this
-    key (over a full grid that is each key's main effect, averaged over all the others). A fractional grid has no
-    such blocks: there the means are taken over all runs, if they are balanced (every value of this key meets every
-    value of each other key equally often, as in `grid_combinations(half=True)`). A key with neither (a sweep cut
-    short) is reported and left out, not decided on unbalanced runs."""
+    """For each key a --json-out report's sweeps varied, the value to carry forward: the first value listed (the
+    baseline) unless another one's mean TTA accuracy beats it by more than the runs' noise, and then the best such
+    value. "More than noise": the difference exceeds `t` (two-sided 95 %) times its standard error, estimated from
+    the runs themselves (see _difference). Without an estimate (single runs of a single block) the baseline stays.
+
+    Means are compared only within complete blocks: runs whose other keys have the same values and that together
+    cover every value of this key (over a full grid that is each key's main effect, averaged over all the others).
+    A fractional grid has no such blocks: there the means are taken over all runs, if they are balanced (every value
+    of this key meets every value of each other key equally often, as in `grid_combinations(half=True)`). A key with
+    neither (a sweep cut short) is reported and left out, not decided on unbalanced runs."""
     report_data = json.loads(report.read_text())
     rows = report_data.get("sweep", [])
     if not rows:
@@ -54,22 +58,74 @@ def best_settings(report: Path) -> list[str]:
                 others = tuple(sorted((name, value) for name, value in settings.items() if name != key))
                 blocks.setdefault(others, {}).setdefault(settings[key], []).append(row["accuracy_tta"])
         complete = [block for block in blocks.values() if set(block) == set(values)]
+        runs = [row for row in rows if key in _settings(row)]
         if complete:
-            means = {value: statistics.mean(statistics.mean(block[value]) for block in complete) for value in values}
+            differences = {value: _block_difference(complete, value, values[0]) for value in values[1:]}
             basis = f"{len(complete)} complete block(s)"
-        elif _balanced([_settings(row) for row in rows if key in _settings(row)], key, values):
-            means = {value: statistics.mean(row["accuracy_tta"] for row in rows if _settings(row).get(key) == value)
-                     for value in values}  # fmt: skip
-            basis = f"{sum(key in _settings(row) for row in rows)} balanced runs of a fractional grid"
+        elif _balanced([_settings(row) for row in runs], key, values):
+            differences = {value: _fraction_difference(runs, key, value, values[0]) for value in values[1:]}
+            basis = f"{len(runs)} balanced runs of a fractional grid"
         else:
             print(f"# best of {report}: {key}: no decision, no complete block of runs over {', '.join(values)} "
                   "and no balanced fraction")  # fmt: skip
             continue
-        best = max(values, key=means.get)  # a tie keeps the first value listed
+        beyond_noise = {value: gain for value, (gain, margin) in differences.items()
+                        if margin is not None and gain > margin}  # fmt: skip
+        best = max(beyond_noise, key=beyond_noise.get) if beyond_noise else values[0]  # a tie: the first listed
         chosen.append(f"{key}={best}")
-        summary = ", ".join(f"{value} {mean:.4f}" for value, mean in means.items())
-        print(f"# best of {report}: {key}={best}; mean accuracy with TTA over {basis}: {summary}")
+        summary = ", ".join(
+            f"{value} {gain:+.4f} (noise {'unknown' if margin is None else f'±{margin:.4f}'})"
+            for value, (gain, margin) in differences.items()
+        )
+        print(f"# best of {report}: {key}={best}; mean accuracy with TTA against {values[0]} over {basis}: {summary}")
     return chosen
+
+
+# Two-sided 95 % points of Student's t by degrees of freedom; beyond the table, 1.96.
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
+        15: 2.13, 20: 2.09, 30: 2.04}  # fmt: skip
+
+
+def _t95(degrees: int) -> float:
+    return next((value for limit, value in sorted(T_95.items()) if degrees <= limit), 1.96)
+
+
+def _block_difference(blocks: list[dict[str, list[float]]], value: str, baseline: str) -> tuple[float, float | None]:
+    """(mean gain of `value` over `baseline` across complete blocks, the margin that gain must exceed). With two
+    blocks or more the noise is the spread of the blocks' differences (paired by block, so the other keys' effects
+    cancel); with one block, the spread of its repeated runs (seeds); with single runs of one block, unknown."""
+    gains = [statistics.mean(block[value]) - statistics.mean(block[baseline]) for block in blocks]
+    if len(gains) >= 2:
+        return statistics.mean(gains), _t95(len(gains) - 1) * statistics.stdev(gains) / len(gains) ** 0.5
+    block = blocks[0]
+    degrees = sum(len(block[name]) - 1 for name in (value, baseline))
+    if min(len(block[value]), len(block[baseline])) < 2:
+        return gains[0], None
+    pooled = sum(statistics.variance(block[name]) * (len(block[name]) - 1) for name in (value, baseline)) / degrees
+    error = (pooled * (1 / len(block[value]) + 1 / len(block[baseline]))) ** 0.5
+    return gains[0], _t95(degrees) * error
+
+
+def _fraction_difference(runs: list[dict], key: str, value: str, baseline: str) -> tuple[float, float | None]:
+    """(mean gain of `value` over `baseline` in a balanced fraction, its margin). The noise is what is left of the
+    runs' accuracies once every key's main effect is taken out (in a balanced design, each value's mean minus the
+    grand mean is its least-squares effect); unknown when no degrees of freedom are left for it."""
+    settings = [_settings(row) for row in runs]
+    accuracies = [row["accuracy_tta"] for row in runs]
+    grand = statistics.mean(accuracies)
+    effects = {}
+    for name in settings[0]:
+        for level in {one[name] for one in settings}:
+            effects[name, level] = statistics.mean(a for a, one in zip(accuracies, settings) if one[name] == level)
+    residuals = [accuracy - grand - sum(effects[name, one[name]] - grand for name in one)
+                 for accuracy, one in zip(accuracies, settings)]  # fmt: skip
+    degrees = len(runs) - 1 - sum(len({one[name] for one in settings}) - 1 for name in settings[0])
+    gain = effects[key, value] - effects[key, baseline]
+    if degrees < 1:
+        return gain, None
+    variance = sum(residual**2 for residual in residuals) / degrees
+    counts = [sum(one[key] == level for one in settings) for level in (value, baseline)]
+    return gain, _t95(degrees) * (variance * (1 / counts[0] + 1 / counts[1])) ** 0.5
 
 
 def _settings(row: dict) -> dict[str, str]:

@@ -139,8 +139,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "more two-value keys, the balanced half (sweep_choice.grid_combinations); --best-of then "
                         "decides each key on all its runs")  # fmt: skip
     parser.add_argument("--best-of", action="append", default=[], help="a --json-out report with a sweep: for each "
-                        "key it varied, the value with the highest mean accuracy with TTA overrides the profile, "
-                        "unless --set sets that key (repeatable)")  # fmt: skip
+                        "key it varied, the first value listed, or the one with the highest mean accuracy with TTA "
+                        "among those that beat it by more than the runs' noise (sweep_choice.best_settings), "
+                        "overrides the profile, unless --set sets that key (repeatable)")  # fmt: skip
     parser.add_argument("--trace", action="store_true", help="also profile one whole epoch of a run of the recipe "
                         "(benchmarks/fit_trace.py): device and host time a step, how busy the device is, top operators")
     parser.add_argument("--airbench", action="store_true", help="also run airbench's trainers if installed")

@@ -86,8 +86,8 @@ class CompiledOrthogonalization:
 def compiled_orthogonalized() -> CompiledOrthogonalization:
     """The process's one CompiledOrthogonalization, which every optimizer shares with its kernels: on a GPU, eager
     mode launches some 15 small kernels per filter shape and step, which a short run's steps may wait on (the
-    CIFAR-10 record compiles it too). Dynamo compiles a few graphs (one more once a tall matrix comes), then one dynamic-shape graph
-    serves every further shape."""
+    CIFAR-10 record compiles it too). Dynamo compiles a few graphs (one more once a tall matrix or a batch of them
+    comes), then one dynamic-shape graph serves every further shape."""
     return CompiledOrthogonalization()
 
 

@@ -422,7 +422,7 @@ def fit(
                 if average is not None:
                     average.update_parameters(model)
                 # Accumulated on the device: a float() per step would wait for the GPU every step.
-                loss_sum += loss.detach() * len(labels)
+                loss_sum.add_(loss.detach(), alpha=len(labels))
                 correct += (logits.argmax(dim=1) == labels).sum()
                 seen += len(labels)
             if lookahead is not None and epoch == config.epochs:

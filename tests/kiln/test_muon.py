@@ -95,8 +95,8 @@ def _filter_steps(optimizer_options: dict, shapes=((8, 4, 3, 3), (64, 3, 3, 3), 
 
 def test_the_compiled_orthogonalization_traces_as_one_graph_and_steps_as_the_eager_one(monkeypatch, caplog):
     """compile_orthogonalization (on CUDA runs that compile) must trace without graph breaks for every filter shape,
-    wide, tall and a batch of one shape, and move the filters as the eager iteration does. Dynamo's eager backend checks the tracing
-    without paying for code generation; inductor's kernels are torch's to get right."""
+    wide, tall and a batch of one shape, and move the filters as the eager iteration does. Dynamo's eager backend
+    checks the tracing without paying for code generation; inductor's kernels are torch's to get right."""
     import kiln.muon
 
     traced = torch.compile(orthogonalized, backend="eager", fullgraph=True)  # fullgraph: a graph break raises

@@ -1,0 +1,140 @@
+"""How many operations the host dispatches in one training step of a profile: the work that bounds a small network's
+speed when its GPU waits on the host (benchmarks/fit_trace.py's `busy_share` tells whether it does).
+
+Runs kiln's own `fit` (the train stage's loop, on the device data path, uncompiled) for 3 epochs of synthetic images
+and counts every aten operation dispatched in epoch 2 (a TorchDispatchMode between two `on_epoch` calls), leaving
+out views, which launch nothing. On CUDA each counted operation is about one kernel launch: a fused or multi-tensor
+(foreach) operation counts once. On a CPU, multi-tensor operations run and count as one operation per tensor, and
+the optimizers are not fused, so CPU counts overstate what a GPU step launches. Counts, not timings: they do not
+depend on the machine's load, and the batch size changes none of them (so a small one is the default).
+
+    python benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long
+    python benchmarks/step_ops.py --profile cifar10-fast --set train.optimizer=sgd --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import platform
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kiln
+
+from kiln.augmentation import build_transform, resolve_policy  # noqa: E402
+from kiln.config import load_config  # noqa: E402
+from kiln.models import ModelSpec, build_model  # noqa: E402
+from kiln.runtime.preprocess import Preprocessing  # noqa: E402
+from kiln.training import AugmentedImages, fit, resolve_runtime  # noqa: E402
+
+COUNTED_EPOCH = 2  # the first epoch draws the first batches and fills the optimizer's state; the last one saves
+STEPS_PER_EPOCH = 4
+IMAGE_SHAPE = (32, 32, 3)
+CLASSES = 10
+VIEW_OPERATIONS = frozenset({
+    "alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice", "split", "squeeze", "t",
+    "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "_reshape_alias",
+})  # fmt: skip
+TOP_OPERATIONS = 15
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the aten operations dispatched while active, by name (overload packet)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_operations(profile: str, overrides: list[str], device: str = "cpu", batch_size: int = 64
+                          ) -> dict[str, Any]:  # fmt: skip
+    """Dispatched operations per step of the profile's training loop, with `overrides` (--set), on `device`."""
+    settings = [f"train.batch_size={batch_size}", f"train.device={device}", "train.compile=off",
+                "train.data_path=device", "train.epochs=3", "train.validation_fraction=0", *overrides]  # fmt: skip
+    config = load_config(profile, overrides=settings)
+    runtime = resolve_runtime(config.train.device, config.train.precision)
+    height, width, channels = IMAGE_SHAPE
+    count = batch_size * STEPS_PER_EPOCH
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
+    labels = generator.integers(0, CLASSES, count)
+    prep = Preprocessing(height, width, channels, (0.5,) * channels, (0.25,) * channels)
+    spec = resolve_policy(config.augment, IMAGE_SHAPE, list(prep.mean))
+    torch.manual_seed(config.train.seed)
+    model = build_model(ModelSpec(config.train.model, IMAGE_SHAPE, CLASSES))
+    train_set = AugmentedImages(images, labels, build_transform(spec), spec)
+    counter = DispatchCount()
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        if row["epoch"] == COUNTED_EPOCH - 1:
+            counter.__enter__()
+        elif row["epoch"] == COUNTED_EPOCH:
+            counter.__exit__(None, None, None)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        history = fit(model, train_set, None, prep, config.train, runtime, Path(scratch) / "checkpoint.pt",
+                      on_epoch=on_epoch)  # fmt: skip
+    if history[-1]["data_path"] != "device":
+        raise RuntimeError(f"{profile} trained on the {history[-1]['data_path']} path, not the device data path")
+    launched = {name: calls for name, calls in counter.calls.items() if name not in VIEW_OPERATIONS}
+    top = sorted(launched.items(), key=lambda item: (-item[1], item[0]))[:TOP_OPERATIONS]
+    return {
+        "profile": profile,
+        "overrides": overrides,
+        "device": str(runtime.device),
+        "precision": runtime.precision,
+        "model": config.train.model,
+        "optimizer": config.train.optimizer,
+        "operations_per_step": round(sum(launched.values()) / STEPS_PER_EPOCH, 2),
+        "views_per_step": round((sum(counter.calls.values()) - sum(launched.values())) / STEPS_PER_EPOCH, 2),
+        "top": [{"operation": name, "per_step": round(calls / STEPS_PER_EPOCH, 2)} for name, calls in top],
+    }
+
+
+def format_counts(counts: dict[str, Any]) -> str:
+    overrides = " ".join(f"--set {setting}" for setting in counts["overrides"])
+    lines = [
+        f"## {counts['profile']} {overrides}".rstrip() + f" ({counts['model']}, {counts['optimizer']}, "
+        f"{counts['device']}, {counts['precision']})",
+        f"{counts['operations_per_step']} operations dispatched per step (and {counts['views_per_step']} views)",
+        "| operation | per step |",
+        "|---|---|",
+        *(f"| {row['operation']} | {row['per_step']:g} |" for row in counts["top"]),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", action="append", help="repeatable (default: cifar10-fast)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override the profile")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json-out", type=Path, help="also write the counts here (device_summary.py prints them)")
+    args = parser.parse_args(argv)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    report: dict[str, Any] = {"device": name, "date": str(date.today()), "command": argv, "step_ops": []}
+    for profile in args.profile or ["cifar10-fast"]:
+        counts = count_step_operations(profile, args.overrides, device, args.batch_size)
+        print(format_counts(counts), flush=True)
+        report["step_ops"].append(counts)
+        if args.json_out:
+            args.json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
