@@ -76,9 +76,9 @@ run() {
     # seeds or more, and answers its two open questions:
     # step-ops: the operations the host dispatches per step of each profile on CUDA (benchmarks/step_ops.py; counts,
     #   seconds to take). The ninth session (no GPU) cut those of Muon's eager step: the Newton-Schulz products fused
-    #   (addmm), the element-wise updates as foreach operations, same-shaped filters in one batch. On the CPU, which
-    #   counts a foreach operation once per tensor, a cifar10-fast step went from 373 dispatches to 206. If the
-    #   eighth session's steps waited on the host, as its noisy epochs suggest, `fast` now fits more epochs.
+    #   (addmm), the element-wise updates as foreach operations, same-shaped filters in one batch. On the CPU a
+    #   cifar10-fast step went from 367 dispatches to 199. If the eighth session's steps waited on the host, as its
+    #   noisy epochs suggest, `fast` now fits more epochs.
     # fast: cifar10-fast as it is (Muon in the record's shape, uncompiled as compile=auto runs it) at its 8 epochs and
     #   at as many as fit the time target, 5 seeds each; then a profiler trace of one epoch (benchmarks/fit_trace.py):
     #   how busy the GPU is, and which operators take the host's time.

@@ -3,10 +3,11 @@ speed when its GPU waits on the host (benchmarks/fit_trace.py's `busy_share` tel
 
 Runs kiln's own `fit` (the train stage's loop, on the device data path, uncompiled) for 3 epochs of synthetic images
 and counts every aten operation dispatched in epoch 2 (a TorchDispatchMode between two `on_epoch` calls), leaving
-out views, which launch nothing. On CUDA each counted operation is about one kernel launch: a fused or multi-tensor
-(foreach) operation counts once. On a CPU, multi-tensor operations run and count as one operation per tensor, and
-the optimizers are not fused, so CPU counts overstate what a GPU step launches. Counts, not timings: they do not
-depend on the machine's load, and the batch size changes none of them (so a small one is the default).
+out views and allocations, which launch nothing. On CUDA each counted operation is about one kernel launch: a fused
+or multi-tensor (foreach) operation counts once, though one whose tensors differ in shape or layout runs as a launch
+per tensor there (torch's slow path). On a CPU torch's SGD and AdamW step one parameter at a time, where on CUDA
+they are fused (fit asks for that), so CPU counts overstate an SGD step's. Counts, not timings: they do not depend
+on the machine's load, and the batch size changes none of them (so a small one is the default).
 
     python benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long
     python benchmarks/step_ops.py --profile cifar10-fast --set train.optimizer=sgd --device cuda
@@ -40,9 +41,10 @@ COUNTED_EPOCH = 2  # the first epoch draws the first batches and fills the optim
 STEPS_PER_EPOCH = 4
 IMAGE_SHAPE = (32, 32, 3)
 CLASSES = 10
-VIEW_OPERATIONS = frozenset({
+NO_LAUNCH_OPERATIONS = frozenset({  # views, and allocations without a fill
     "alias", "as_strided", "detach", "expand", "permute", "reshape", "select", "slice", "split", "squeeze", "t",
-    "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "_reshape_alias",
+    "transpose", "unbind", "unsqueeze", "view", "_unsafe_view", "_reshape_alias", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided",
 })  # fmt: skip
 TOP_OPERATIONS = 15
 
@@ -89,7 +91,7 @@ def count_step_operations(profile: str, overrides: list[str], device: str = "cpu
                       on_epoch=on_epoch)  # fmt: skip
     if history[-1]["data_path"] != "device":
         raise RuntimeError(f"{profile} trained on the {history[-1]['data_path']} path, not the device data path")
-    launched = {name: calls for name, calls in counter.calls.items() if name not in VIEW_OPERATIONS}
+    launched = {name: calls for name, calls in counter.calls.items() if name not in NO_LAUNCH_OPERATIONS}
     top = sorted(launched.items(), key=lambda item: (-item[1], item[0]))[:TOP_OPERATIONS]
     return {
         "profile": profile,
@@ -99,7 +101,7 @@ def count_step_operations(profile: str, overrides: list[str], device: str = "cpu
         "model": config.train.model,
         "optimizer": config.train.optimizer,
         "operations_per_step": round(sum(launched.values()) / STEPS_PER_EPOCH, 2),
-        "views_per_step": round((sum(counter.calls.values()) - sum(launched.values())) / STEPS_PER_EPOCH, 2),
+        "no_launch_per_step": round((sum(counter.calls.values()) - sum(launched.values())) / STEPS_PER_EPOCH, 2),
         "top": [{"operation": name, "per_step": round(calls / STEPS_PER_EPOCH, 2)} for name, calls in top],
     }
 
@@ -109,7 +111,8 @@ def format_counts(counts: dict[str, Any]) -> str:
     lines = [
         f"## {counts['profile']} {overrides}".rstrip() + f" ({counts['model']}, {counts['optimizer']}, "
         f"{counts['device']}, {counts['precision']})",
-        f"{counts['operations_per_step']} operations dispatched per step (and {counts['views_per_step']} views)",
+        f"{counts['operations_per_step']} operations dispatched per step (and {counts['no_launch_per_step']} views and "
+        "allocations)",
         "| operation | per step |",
         "|---|---|",
         *(f"| {row['operation']} | {row['per_step']:g} |" for row in counts["top"]),

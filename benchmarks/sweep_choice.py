@@ -76,32 +76,36 @@ def best_settings(report: Path) -> list[str]:
         summary = ", ".join(
             f"{value} {gain:+.4f} (noise {'unknown' if margin is None else f'±{margin:.4f}'})"
             for value, (gain, margin) in differences.items()
-        )
+        ) or "the only value swept"
         print(f"# best of {report}: {key}={best}; mean accuracy with TTA against {values[0]} over {basis}: {summary}")
     return chosen
 
 
-# Two-sided 95 % points of Student's t by degrees of freedom; beyond the table, 1.96.
+# Two-sided 95 % points of Student's t by degrees of freedom; between rows, the row below (fewer degrees: a larger
+# t, erring toward keeping the first value); beyond 120, 1.96.
 T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18,
-        15: 2.13, 20: 2.09, 30: 2.04}  # fmt: skip
+        15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00, 120: 1.98}  # fmt: skip
 
 
 def _t95(degrees: int) -> float:
-    return next((value for limit, value in sorted(T_95.items()) if degrees <= limit), 1.96)
+    if degrees > max(T_95):
+        return 1.96
+    return T_95[max(limit for limit in T_95 if limit <= degrees)]
 
 
 def _block_difference(blocks: list[dict[str, list[float]]], value: str, baseline: str) -> tuple[float, float | None]:
     """(mean gain of `value` over `baseline` across complete blocks, the margin that gain must exceed). With two
     blocks or more the noise is the spread of the blocks' differences (paired by block, so the other keys' effects
-    cancel); with one block, the spread of its repeated runs (seeds); with single runs of one block, unknown."""
+    cancel); with one block, the pooled spread of its repeated runs (seeds); with single runs of one block, unknown."""
     gains = [statistics.mean(block[value]) - statistics.mean(block[baseline]) for block in blocks]
     if len(gains) >= 2:
         return statistics.mean(gains), _t95(len(gains) - 1) * statistics.stdev(gains) / len(gains) ** 0.5
     block = blocks[0]
-    degrees = sum(len(block[name]) - 1 for name in (value, baseline))
-    if min(len(block[value]), len(block[baseline])) < 2:
+    repeated = [name for name in (value, baseline) if len(block[name]) >= 2]
+    degrees = sum(len(block[name]) - 1 for name in repeated)
+    if degrees < 1:
         return gains[0], None
-    pooled = sum(statistics.variance(block[name]) * (len(block[name]) - 1) for name in (value, baseline)) / degrees
+    pooled = sum(statistics.variance(block[name]) * (len(block[name]) - 1) for name in repeated) / degrees
     error = (pooled * (1 / len(block[value]) + 1 / len(block[baseline]))) ** 0.5
     return gains[0], _t95(degrees) * error
 
@@ -109,7 +113,9 @@ def _block_difference(blocks: list[dict[str, list[float]]], value: str, baseline
 def _fraction_difference(runs: list[dict], key: str, value: str, baseline: str) -> tuple[float, float | None]:
     """(mean gain of `value` over `baseline` in a balanced fraction, its margin). The noise is what is left of the
     runs' accuracies once every key's main effect is taken out (in a balanced design, each value's mean minus the
-    grand mean is its least-squares effect); unknown when no degrees of freedom are left for it."""
+    grand mean is its least-squares effect): the seeds' spread and the keys' interactions together (in the 16-run
+    half of 5 two-value keys, one seed each, it is the 10 two-key interactions alone), so real interactions make
+    it larger and the rule more reluctant; unknown when no degrees of freedom are left for it."""
     settings = [_settings(row) for row in runs]
     accuracies = [row["accuracy_tta"] for row in runs]
     grand = statistics.mean(accuracies)

@@ -83,7 +83,7 @@ class DeviceBatches:
         # Index ranges made once: in eager mode each tensor made per batch is one more launch the host must issue
         self.rows = torch.arange(self.height, device=device)
         self.columns = torch.arange(self.width, device=device)
-        self.channels = torch.arange(prep.channels, device=device)
+        self.channels = torch.arange(self.images.shape[1], device=device)
 
     def __len__(self) -> int:
         return self.count // self.batch_size if self.drop_last else -(-self.count // self.batch_size)

@@ -153,9 +153,11 @@ class Muon(torch.optim.Optimizer):
 
     def _orthogonal_steps(self, parameters: list[torch.Tensor], buffers: list[torch.Tensor | None],
                           group: dict[str, Any]) -> list[torch.Tensor]:  # fmt: skip
-        """One Muon step of every filter in `group`; returns the momentum buffers. The element-wise parts run as one
-        multi-tensor (foreach) operation over all the filters, and filters of one shape are orthogonalized as one
-        batch: on a GPU, eager mode pays a host-side launch per operation, which a small network's steps wait on."""
+        """One Muon step of every filter in `group`; returns the momentum buffers. The element-wise parts run as
+        multi-tensor (foreach) operations over all the filters (on CUDA one launch each, except the renormalization's
+        multiply by a scalar per filter, a launch per filter), and filters of one shape are orthogonalized as one
+        batch: on a GPU, eager mode pays a host-side launch per operation, which a small network's steps may wait
+        on. The same arithmetic as a filter at a time, up to rounding (addmm scales a product, not a factor)."""
         gradients = [parameter.grad for parameter in parameters]
         momentum = group["momentum"]
         held = [index for index, buffer in enumerate(buffers) if buffer is not None]

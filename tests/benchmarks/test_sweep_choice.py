@@ -8,6 +8,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy
 import pytest
 import sweep_choice  # benchmarks/ (tests/benchmarks/conftest.py)
 
@@ -96,7 +97,7 @@ def test_a_half_fraction_refuses_grids_it_cannot_balance(axes):
         sweep_choice.grid_combinations(axes, half=True)
 
 
-def test_a_gain_inside_the_runs_noise_keeps_the_first_value_listed(tmp_path):
+def test_a_gain_inside_the_runs_noise_keeps_the_first_value_listed(tmp_path, capsys):
     """The eighth session's parity grid: fp16 came out 0.02 pt above bf16, far inside one run's spread of 0.1-0.25
     pt, and the old rule carried it forward. Here only weight decay's gain (0.46 pt, as measured) stands out."""
     noise = random.Random(0)
@@ -110,6 +111,14 @@ def test_a_gain_inside_the_runs_noise_keeps_the_first_value_listed(tmp_path):
     report.write_text(json.dumps({"grids": [{key: values for key, values in PARITY}], "sweep": rows}))
     assert sweep_choice.best_settings(report) == [f"{key}={values[0]}" if key != "train.weight_decay" else
                                                   "train.weight_decay=1.33e-3" for key, values in PARITY]
+    # The margin, from an ordinary least-squares fit of the 5 main effects: 16 runs leave 10 degrees (t = 2.23).
+    design = numpy.array([[1.0] + [1.0 if value == options[1] else -1.0 for value, (_, options) in
+                                   zip((setting.split("=")[1] for setting in row["settings"]), PARITY)]
+                          for row in rows])  # fmt: skip
+    accuracies = numpy.array([row["accuracy_tta"] for row in rows])
+    residual = accuracies - design @ numpy.linalg.lstsq(design, accuracies, rcond=None)[0]
+    margin = 2.23 * (residual @ residual / 10 * (1 / 8 + 1 / 8)) ** 0.5
+    assert f"(noise ±{margin:.4f})" in capsys.readouterr().out
 
 
 def test_single_runs_give_no_measure_of_noise_and_keep_the_first_value(tmp_path, capsys):
@@ -119,3 +128,20 @@ def test_single_runs_give_no_measure_of_noise_and_keep_the_first_value(tmp_path,
     report.write_text(json.dumps({"grids": [{"train.lr": ["1.0", "2.0"]}], "sweep": rows}))
     assert sweep_choice.best_settings(report) == ["train.lr=1.0"]
     assert "2.0 +0.0300 (noise unknown)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("gains, carried", [((0.01, 0.02, 0.03), False), ((0.02, 0.03, 0.04), True)],
+                         ids=["inside the noise", "beyond it"])  # fmt: skip
+def test_over_complete_blocks_the_gain_must_beat_t_times_its_paired_standard_error(tmp_path, capsys, gains, carried):
+    """Three blocks (another key's values), one run each: the paired gains' spread is 0.01, so the margin is
+    t(2 degrees) 4.30 x 0.01 / sqrt(3) = 0.0248; a mean gain of 0.02 stays inside it, one of 0.03 does not."""
+    rows = []
+    for block, gain in enumerate(gains):
+        rows += [{"settings": [f"train.lr={lr}", f"train.seed_block={block}"], "seed": 0, "accuracy_tta": accuracy}
+                 for lr, accuracy in (("1.0", 0.90), ("2.0", 0.90 + gain))]  # fmt: skip
+    report = tmp_path / "lr.json"
+    report.write_text(json.dumps({"grids": [{"train.lr": ["1.0", "2.0"], "train.seed_block": ["0", "1", "2"]}],
+                                  "sweep": rows}))  # fmt: skip
+    chosen = sweep_choice.best_settings(report)
+    assert chosen[0] == ("train.lr=2.0" if carried else "train.lr=1.0")
+    assert "(noise ±0.0248)" in capsys.readouterr().out

@@ -109,6 +109,27 @@ def test_cutout_inside_keeps_the_whole_square_on_the_image_on_both_paths(inside)
             assert 8 < whole.count(False) < 56  # about 3/5 of the centres put part of the square off the image
 
 
+@pytest.mark.parametrize("count, batch_size", [(103, 24), (10, 16)], ids=["full batches", "one partial batch"])
+def test_each_rank_takes_every_world_th_sample_of_the_one_process_batches(count, batch_size):
+    """Data-parallel ranks share one seed, so each must see exactly its interleaved share of the batch one process
+    would draw, crop, flip and cut out; with fewer images than a batch, that one partial batch is all there is."""
+    images = images_of(count=count, size=8)
+    spec = resolve_policy(AugmentConfig(policy="crop_flip", crop_padding=2, flip="alternate", cutout=3), (8, 8, 3))
+
+    def epochs(shard: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = DeviceBatches(images, np.arange(count), spec, prep_for(images), CPU, batch_size, shard=shard)
+        generator = torch.Generator().manual_seed(4)
+        return [batch for epoch in (1, 2) for batch in batches.epoch(generator, epoch)]
+
+    whole = epochs((0, 1))
+    assert len(whole) == 2 * max(count // batch_size, 1) and len(whole[-1][1]) == min(count, batch_size)
+    for rank in range(3):
+        shares = epochs((rank, 3))
+        assert len(shares) == len(whole)
+        for (inputs, labels), (all_inputs, all_labels) in zip(shares, whole):
+            assert torch.equal(labels, all_labels[rank::3]) and torch.equal(inputs, all_inputs[rank::3])
+
+
 def test_cutout_inside_needs_cutout():
     with pytest.raises(ValueError, match="augment.cutout is 0"):
         AugmentConfig(cutout_inside=True)
