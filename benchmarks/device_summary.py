@@ -53,7 +53,8 @@ def main(folder: Path) -> None:
         for counts in report.get("step_ops", []):  # benchmarks/step_ops.py
             top = ", ".join(f"{row['operation']} {row['per_step']:g}" for row in counts["top"][:SUMMARY_TRACE_ROWS])
             print(f"{counts['profile']} ({counts['device']}, {counts['precision']}): {counts['operations_per_step']} "
-                  f"operations dispatched a step ({counts['no_launch_per_step']} views, allocations); {top}")  # fmt: skip
+                  f"operations dispatched a step ({counts['no_launch_per_step']} views, allocations); "
+                  f"{top}")  # fmt: skip
         for trainer, runs in report.get("airbench", {}).items():
             scores = [accuracy for accuracy, _ in runs if accuracy is not None]
             seconds = [time for _, time in runs if time is not None]
