@@ -5,7 +5,8 @@ Runs kiln's own `fit` (the train stage's loop, on the device data path, uncompil
 and counts every aten operation dispatched in epoch 2 (a TorchDispatchMode between two `on_epoch` calls), leaving
 out views and allocations, which launch nothing. On CUDA each counted operation is about one kernel launch: a fused
 or multi-tensor (foreach) operation counts once, though one whose tensors differ in shape or layout runs as a launch
-per tensor there (torch's slow path). On a CPU torch's SGD and AdamW step one parameter at a time, where on CUDA
+per tensor there (torch's slow path), and an addmm with a nonzero beta is two (a copy of the added matrix, then the
+product). On a CPU torch's SGD and AdamW step one parameter at a time, where on CUDA
 they are fused (fit asks for that), so CPU counts overstate an SGD step's. Counts, not timings: they do not depend
 on the machine's load, and the batch size changes none of them (so a small one is the default).
 

@@ -43,7 +43,8 @@ def orthogonalized(update: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> to
     Runs in bfloat16 on CUDA (tensor cores; the result only needs to be roughly orthogonal) and in float32
     elsewhere, where bfloat16 matmuls are slow and a seeded CPU run must stay exactly reproducible. Each iteration is
     three matrix products, the polynomial's scaling and sums taken inside them (addmm): in eager mode on a GPU every
-    separate operation is a kernel launch the host must issue, and a short run's steps wait on the host."""
+    separate operation is a kernel launch the host must issue, and a short run's steps wait on the host (on CUDA an
+    addmm is two: a copy of the added matrix, then the product; five launches an iteration instead of eight)."""
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     matrix = update.to(torch.bfloat16 if update.is_cuda else torch.float32)
     # spectral norm <= Frobenius norm <= 1: inside the iteration's range
