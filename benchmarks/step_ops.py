@@ -21,7 +21,6 @@ import collections
 import json
 import platform
 import sys
-import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kiln
 
-from kiln.augmentation import build_transform, resolve_policy  # noqa: E402
 from kiln.config import load_config  # noqa: E402
-from kiln.models import ModelSpec, build_model  # noqa: E402
-from kiln.runtime.preprocess import Preprocessing  # noqa: E402
-from kiln.training import AugmentedImages, fit, resolve_runtime  # noqa: E402
+from kiln.dataset import ImageDataset  # noqa: E402
+from kiln.errors import ConfigError  # noqa: E402
+from kiln.training import resolve_runtime  # noqa: E402
+from train_speed import train_once  # noqa: E402  (benchmarks/, the script's own folder)
 
 COUNTED_EPOCH = 2  # the first epoch draws the first batches and fills the optimizer's state; the last one saves
 STEPS_PER_EPOCH = 4
@@ -66,19 +65,14 @@ def count_step_operations(profile: str, overrides: list[str], device: str = "cpu
                           ) -> dict[str, Any]:  # fmt: skip
     """Dispatched operations per step of the profile's training loop, with `overrides` (--set), on `device`."""
     settings = [f"train.batch_size={batch_size}", f"train.device={device}", "train.compile=off",
-                "train.data_path=device", "train.epochs=3", "train.validation_fraction=0", *overrides]  # fmt: skip
+                "train.data_path=device", *overrides]  # fmt: skip
     config = load_config(profile, overrides=settings)
     runtime = resolve_runtime(config.train.device, config.train.precision)
-    height, width, channels = IMAGE_SHAPE
     count = batch_size * STEPS_PER_EPOCH
     generator = np.random.default_rng(0)
-    images = generator.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
+    images = generator.integers(0, 256, (count, *IMAGE_SHAPE), dtype=np.uint8)
     labels = generator.integers(0, CLASSES, count)
-    prep = Preprocessing(height, width, channels, (0.5,) * channels, (0.25,) * channels)
-    spec = resolve_policy(config.augment, IMAGE_SHAPE, list(prep.mean))
-    torch.manual_seed(config.train.seed)
-    model = build_model(ModelSpec(config.train.model, IMAGE_SHAPE, CLASSES))
-    train_set = AugmentedImages(images, labels, build_transform(spec), spec)
+    dataset = ImageDataset("synthetic", [str(label) for label in range(CLASSES)], images, labels, images, labels)
     counter = DispatchCount()
 
     def on_epoch(row: dict[str, Any]) -> None:
@@ -87,11 +81,9 @@ def count_step_operations(profile: str, overrides: list[str], device: str = "cpu
         elif row["epoch"] == COUNTED_EPOCH:
             counter.__exit__(None, None, None)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        history = fit(model, train_set, None, prep, config.train, runtime, Path(scratch) / "checkpoint.pt",
-                      on_epoch=on_epoch)  # fmt: skip
-    if history[-1]["data_path"] != "device":
-        raise RuntimeError(f"{profile} trained on the {history[-1]['data_path']} path, not the device data path")
+    run = train_once(dataset, config, config.train.seed, epochs=3, evaluate=False, on_epoch=on_epoch)
+    if run["data_path"] != "device":
+        raise RuntimeError(f"{profile} trained on the {run['data_path']} path, not the device data path")
     launched = {name: calls for name, calls in counter.calls.items() if name not in NO_LAUNCH_OPERATIONS}
     top = sorted(launched.items(), key=lambda item: (-item[1], item[0]))[:TOP_OPERATIONS]
     return {
@@ -130,10 +122,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json-out", type=Path, help="also write the counts here (device_summary.py prints them)")
     args = parser.parse_args(argv)
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: this machine has no usable CUDA device; use --device cpu (or auto)")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     report: dict[str, Any] = {"device": name, "date": str(date.today()), "command": argv, "step_ops": []}
     for profile in args.profile or ["cifar10-fast"]:
-        counts = count_step_operations(profile, args.overrides, device, args.batch_size)
+        try:
+            counts = count_step_operations(profile, args.overrides, device, args.batch_size)
+        except ConfigError as error:  # an unknown profile or a --set the config refuses: its message, no traceback
+            raise SystemExit(f"step_ops: {error}") from None
         print(format_counts(counts), flush=True)
         report["step_ops"].append(counts)
         if args.json_out:

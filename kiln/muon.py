@@ -201,15 +201,18 @@ def _matrix_in_memory_order(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` [rows, ...] as a [rows, cols] matrix whose columns follow its memory order: a view, not a copy, for a
     contiguous or a channels_last filter. Orthogonalizing commutes with permuting columns ((A P) -> (U V^T) P), so
     the order of a filter's columns does not change its step, only whether reshaping it costs a copy."""
-    rows = tensor.shape[0]
-    if tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-        return tensor.permute(0, 2, 3, 1).reshape(rows, -1)
-    return tensor.reshape(rows, -1)
+    if _channels_last_filter(tensor):
+        return tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+    return tensor.reshape(tensor.shape[0], -1)
 
 
 def _shaped_like(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The inverse of _matrix_in_memory_order for a tensor shaped and laid out like `like`."""
-    if like.ndim == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last_filter(like):
         rows, channels, height, width = like.shape
         return matrix.reshape(rows, height, width, channels).permute(0, 3, 1, 2)
     return matrix.reshape(like.shape)
+
+
+def _channels_last_filter(tensor: torch.Tensor) -> bool:
+    return tensor.ndim == 4 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)

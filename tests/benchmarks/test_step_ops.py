@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import device_summary  # benchmarks/ (tests/benchmarks/conftest.py)
 import step_ops
 
@@ -19,3 +21,11 @@ def test_counts_one_steps_operations_of_the_profiles_own_loop_without_views_or_a
     device_summary.main(tmp_path)
     summary = capsys.readouterr().out
     assert f"cifar10-fast (cpu, fp32): {counts['operations_per_step']} operations dispatched a step" in summary
+
+
+def test_a_bad_profile_or_device_stops_with_one_line_saying_what_to_do(monkeypatch):
+    with pytest.raises(SystemExit, match="step_ops: unknown profile 'nope'; choose one of"):
+        step_ops.main(["--profile", "nope", "--device", "cpu"])
+    monkeypatch.setattr(step_ops.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no usable CUDA device; use --device cpu"):
+        step_ops.main(["--device", "cuda"])
