@@ -6,8 +6,8 @@
 #   SMOKE=1 bash benchmarks/device_checks.sh run   # anywhere: the same steps on a few hundred images, 1 epoch
 #
 # `run` writes its reports under $OUT (or ./device-out): summary.txt (also printed last) and reports.tar.gz (each
-# section's .md, .json and .log of its stderr: step-ops, fast, fast-compiled, fast-cudagraphs, long, hard-trace,
-# long-bf16, airbench; see run() for what each measures). Earlier GPU runs (2026-11-26, H200, three sessions) measured the
+# section's .md, .json and .log of its stderr: graph-check, fast, fast-graphed, long-graphed,
+# fast-compiled-graphed, long, step-ops, step-ops-graphed; see run() for what each measures). Earlier GPU runs (2026-11-26, H200, three sessions) measured the
 # feed, airbench94/96, the recipes, sweeps and the compression table; RESULTS.md has them.
 # Copy the figures into benchmarks/RESULTS.md with the device, date and command.
 set -euo pipefail
@@ -72,58 +72,56 @@ run() {
     local budget=${BUDGET_S:-560} started=$SECONDS
     setup pydantic,yaml,airbench,kiln.training
     # The plan for the next session with a GPU (the eighth session, the third with a GPU, measured what the profiles
-    # now hold: benchmarks/RESULTS.md). This call measures the profiles as they are against the issue's targets, 3
-    # seeds or more, and answers its two open questions:
-    # step-ops: the operations the host dispatches per step of each profile on CUDA (benchmarks/step_ops.py; counts,
-    #   seconds to take). The ninth session (no GPU) cut those of Muon's eager step: the Newton-Schulz products fused
-    #   (addmm), the element-wise updates as foreach operations, same-shaped filters in one batch. On the CPU a
-    #   cifar10-fast step went from 367 dispatches to 199. If the eighth session's steps waited on the host, as its
-    #   noisy epochs suggest, `fast` now fits more epochs.
+    # now hold: benchmarks/RESULTS.md). Its steps seemed to wait on the host: a Muon step at batch 2000 took as long
+    # per image as an SGD step at 1024 with half the launches per image, and one run's epochs took 0.23 to 0.41 s
+    # with the host's load. The ninth session (no GPU) cut Muon's eager step from 367 dispatched operations to 199;
+    # the tenth (no GPU) added train.cuda_graph, which captures each whole step (forward, backward, Muon's or SGD's
+    # step, the totals) once as a CUDA graph and replays it, so the host issues a few launches a step, not hundreds.
+    # Whether that pays, and whether it trains as eager steps do on a GPU, only a GPU can say:
+    # graph-check: tests/kiln/test_step_graph.py, whose last tests capture for real on CUDA and compare the loss
+    #   curves of captured and eager steps for both profiles (skipped on a CPU). If it fails, the graphed sections
+    #   below measure nothing worth keeping.
     # fast: cifar10-fast as it is (Muon in the record's shape, uncompiled as compile=auto runs it) at its 8 epochs and
     #   at as many as fit the time target, 5 seeds each; then a profiler trace of one epoch (benchmarks/fit_trace.py):
-    #   how busy the GPU is, and which operators take the host's time.
-    # fast-compiled: the same compiled, fitted, 3 seeds, and its trace. In the eighth session compiled epochs
-    #   (0.22-0.41 s) were no faster than uncompiled ones on a noisy host, where the second session had measured
-    #   0.187 s against 0.235 s; the two traces show which part of the step compiling changes.
-    # fast-cudagraphs: the same with train.compile_mode=reduce-overhead: each step's kernels replayed as CUDA graphs,
-    #   so the host issues a few launches a step instead of hundreds; if the traces show the GPU waiting on the host,
-    #   this is the step that stops waiting.
-    # long: cifar10-long as it is (the later airbench96 on fastnet_lean, fp16), compiled, at as many epochs as fit,
-    #   3 seeds, and a trace.
-    # hard-trace: a trace of cifar10-long with keep_hardest=0.5, whose epochs took longer than full batches (then
-    #   with a batch size torch.compile had made symbolic; fit now compiles static shapes).
-    # long-bf16: cifar10-long in bf16 (in the eighth session its epochs were steadier and 5 % faster, at the same
-    #   accuracy over 2 seeds), fitted, 3 seeds.
-    # airbench: train94 and train96 (0.1.8) on the same device, 2 runs each.
+    #   how busy the GPU is (busy_share), and which operators take the host's time.
+    # fast-graphed: the same with train.cuda_graph=true, on the same host: the epochs' times and spread against
+    #   fast's, and the trace's busy_share. If it is faster, more epochs fit the target.
+    # long-graphed: cifar10-long, compiled, in bf16 (fp16's GradScaler cannot be captured; bf16 trained as well in
+    #   the eighth session, 2 seeds), with train.cuda_graph=true, fitted, 3 seeds, and a trace.
+    # fast-compiled-graphed: cifar10-fast compiled and captured, fitted, 3 seeds, and its trace. In the eighth
+    #   session compiled fastnet epochs were no faster than eager ones on that host.
+    # long: cifar10-long as it is (fp16, compiled, not captured), fitted, 3 seeds, and a trace: the baseline for
+    #   long-graphed on the same host.
+    # step-ops, step-ops-graphed: the operations the host dispatches per step of each profile on CUDA
+    #   (benchmarks/step_ops.py), eager, then captured (what is left outside the graph: the batch, its copies into
+    #   the captured inputs, the learning rates' updates).
+    # Left out this time: reduce-overhead (train.cuda_graph captures more of the step), keep_hardest's trace (no
+    # profile uses it), airbench (measured in two sessions; RESULTS.md). `BUDGET_S` and the shares still cut the
+    # last sections first.
     # Every run also scores four TTA combinations; each report records the host's CPU and load average and what
     # torch.compile did (graphs, graph breaks, CUDA-graph skips), and each section's log has TORCH_LOGS'
-    # recompiles and cudagraphs lines (device_summary.py prints them).
+    # recompiles and cudagraphs lines and kiln's train.cuda_graph lines (device_summary.py prints them).
     # Time targets: 2.5 s and 23 s on the issue's H100 (with a margin: 2.4 s and 22.5 s). On an H200, scaled by what
     #   airbench took on each (train94 about 2.4 s on the issue's H100 against 1.92 s on an H200 here, 0.80; train96
     #   23.3 s against 19.65 s, 0.84), so its figures answer the H100's question. --fit-seconds picks the epochs from
     #   a probe run's warm epochs on this device.
     local fast_s=2.4 long_s=22.5
     if grep -q H200 "$OUT/device.txt" 2>/dev/null; then fast_s=1.92 long_s=18.9; fi
-    local compiled=(--set train.compile=on)
+    local compiled=(--set train.compile=on) graphed=(--set train.cuda_graph=true)
     local fast=(--epochs 8 --fit-seconds "$fast_s" --runs 5 --first-seed 1 --trace)
-    local fast_compiled=("${compiled[@]}" --fit-seconds "$fast_s" --runs 3 --first-seed 1 --trace)
-    local fast_cudagraphs=("${fast_compiled[@]}" --set train.compile_mode=reduce-overhead)
+    local fast_graphed=("${graphed[@]}" "${fast[@]}")
     local long=("${compiled[@]}" --profile cifar10-long --fit-seconds "$long_s" --runs 3 --first-seed 1 --trace)
-    local hard_trace=("${compiled[@]}" --profile cifar10-long --set train.keep_hardest=0.5 --skip-recipe --trace)
-    local long_bf16=("${compiled[@]}" --profile cifar10-long --set train.precision=bf16 --fit-seconds "$long_s"
-                     --runs 3 --first-seed 1)
-    local airbench=(--skip-recipe --runs 2 --airbench-trainers train94,train96)
+    local long_graphed=("${long[@]}" --set train.precision=bf16 "${graphed[@]}")
+    local fast_compiled_graphed=("${compiled[@]}" "${graphed[@]}" --fit-seconds "$fast_s" --runs 3 --first-seed 1
+                                 --trace)
     if [ -n "${SMOKE:-}" ]; then
         local tiny=(--max-train 256 --max-test 128 --warmup-epochs 0 --set train.batch_size=64)
         fast_s=4 long_s=8
         fast=("${tiny[@]}" --epochs 1 --fit-seconds "$fast_s" --runs 1 --trace)
-        fast_compiled=("${tiny[@]}" "${compiled[@]}" --epochs 1 --runs 1 --trace)
-        fast_cudagraphs=("${fast_compiled[@]}" --set train.compile_mode=reduce-overhead)
+        fast_graphed=("${graphed[@]}" "${fast[@]}")
         long=("${tiny[@]}" "${compiled[@]}" --profile cifar10-long --fit-seconds "$long_s" --runs 1 --trace)
-        hard_trace=("${tiny[@]}" "${compiled[@]}" --profile cifar10-long --set train.keep_hardest=0.5 --skip-recipe
-                    --trace)
-        long_bf16=("${tiny[@]}" "${compiled[@]}" --profile cifar10-long --set train.precision=bf16 --epochs 1 --runs 1)
-        airbench=(--skip-recipe --runs 1 --max-train 512 --max-test 256 --airbench-trainers train94)
+        long_graphed=("${long[@]}" --set train.precision=bf16 "${graphed[@]}")
+        fast_compiled_graphed=("${tiny[@]}" "${compiled[@]}" "${graphed[@]}" --epochs 1 --runs 1 --trace)
     fi
     export TORCH_LOGS=${TORCH_LOGS:-recompiles,cudagraphs}  # into each section's .log (registered in torch 2.11)
     section() {  # section NAME SHARE_OF_WHAT_IS_LEFT(%) COMMAND...: runs COMMAND under that time limit, tee'd to $OUT
@@ -137,22 +135,21 @@ run() {
     rm -f /tmp/kiln-cifar-*.npz
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
     # Estimated on the H200 from the eighth session (the first section that trains also decodes the JPEGs, ~20 s; a
-    # compiled section's warm-up and probe ~25 s): step-ops ~15 s, fast ~75 s, fast-compiled ~50, fast-cudagraphs
-    # ~55, long ~97, hard-trace ~35, long-bf16 ~95, airbench ~70: ~495 s of 560. An H100 takes about 1.25x as long: the shares below give each
-    # measuring section its H100 time (fast ~94 s, the compiled fast ones ~65, hard-trace ~44, the long ones ~120),
-    # and airbench, measured in two earlier sessions and in the issue on an H100, goes short first. A trace is
-    # written only when its section ends, so hard-trace runs before long-bf16.
+    # compiled section's warm-up and probe ~25 s): graph-check ~30 s, fast ~75 s, fast-graphed ~75, long-graphed
+    # ~97, fast-compiled-graphed ~55, long ~97, step-ops ~15: ~465 s of 560. An H100 takes about 1.25x as long; the
+    # shares give each section about its H100 time, and the last ones go short first.
     local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section that trains
-    section step-ops 5 "$PYTHON" benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long \
+    section graph-check 10 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kiln/test_step_graph.py
+    section fast 17 "${speed[@]}" "${cached[@]}" "${fast[@]}" --json-out "$OUT/fast.json"
+    section fast-graphed 21 "${speed[@]}" "${cached[@]}" "${fast_graphed[@]}" --json-out "$OUT/fast-graphed.json"
+    section long-graphed 35 "${speed[@]}" "${cached[@]}" "${long_graphed[@]}" --json-out "$OUT/long-graphed.json"
+    section fast-compiled-graphed 30 "${speed[@]}" "${cached[@]}" "${fast_compiled_graphed[@]}" \
+        --json-out "$OUT/fast-compiled-graphed.json"
+    section long 85 "${speed[@]}" "${cached[@]}" "${long[@]}" --json-out "$OUT/long.json"
+    section step-ops 50 "$PYTHON" benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long \
         --json-out "$OUT/step-ops.json"
-    section fast 18 "${speed[@]}" "${cached[@]}" "${fast[@]}" --json-out "$OUT/fast.json"
-    section fast-compiled 15 "${speed[@]}" "${cached[@]}" "${fast_compiled[@]}" --json-out "$OUT/fast-compiled.json"
-    section fast-cudagraphs 19 "${speed[@]}" "${cached[@]}" "${fast_cudagraphs[@]}" \
-        --json-out "$OUT/fast-cudagraphs.json"
-    section long 40 "${speed[@]}" "${cached[@]}" "${long[@]}" --json-out "$OUT/long.json"
-    section hard-trace 28 "${speed[@]}" "${cached[@]}" "${hard_trace[@]}" --json-out "$OUT/hard-trace.json"
-    section long-bf16 75 "${speed[@]}" "${cached[@]}" "${long_bf16[@]}" --json-out "$OUT/long-bf16.json"
-    section airbench 100 "${speed[@]}" --airbench "${airbench[@]}" --json-out "$OUT/airbench.json"
+    section step-ops-graphed 100 "$PYTHON" benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long \
+        --set train.precision=bf16 "${graphed[@]}" --json-out "$OUT/step-ops-graphed.json"
     # The device tool returns the end of the output and a few files: the summary last, everything else in one archive.
     "$PYTHON" benchmarks/device_summary.py "$OUT" >"$OUT/summary.txt" 2>&1 || true
     tar czf /tmp/device-reports.tar.gz -C "$OUT" --exclude=summary.txt .

@@ -64,10 +64,12 @@ def main(folder: Path) -> None:
 
 def warnings_of(log: Path) -> list[str]:
     """The lines of a section's stderr that change how to read its times: torch.compile giving up on CUDA graphs
-    (compile_mode=reduce-overhead then runs as plain compiled code), recompiling, or falling back to eager."""
+    (compile_mode=reduce-overhead then runs as plain compiled code), recompiling, falling back to eager, and whether
+    train.cuda_graph captured the steps or ran them eagerly."""
     if not log.exists():
         return []
-    flagged = ("skipping cudagraphs", "recompil", "falling back", "training uncompiled", "graph break")
+    flagged = ("skipping cudagraphs", "recompil", "falling back", "training uncompiled", "graph break",
+               "train.cuda_graph")  # fmt: skip
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
              if any(flag in line.lower() for flag in flagged)]  # fmt: skip
     return list(dict.fromkeys(line[:200] for line in lines))[:5]  # each distinct line once, a few at most

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import platform
 import re
@@ -347,7 +348,8 @@ def trace_benchmark(dataset: ImageDataset, args: argparse.Namespace) -> dict:
     steps = len(dataset.train_labels) // min(config.train.batch_size, len(dataset.train_labels))  # full batches only
     summary = trace.summary(steps)
     print(f"\n## trace: profile {args.profile} ({config.train.model}, batch {config.train.batch_size}, "
-          f"{runtime.precision}, compile {config.train.compile}/{config.train.compile_mode}), epoch "
+          f"{runtime.precision}, compile {config.train.compile}/{config.train.compile_mode}, cuda_graph "
+          f"{config.train.cuda_graph}), epoch "
           f"{fit_trace.TRACED_EPOCH} of {fit_trace.TRACED_EPOCH + 1} under torch.profiler")  # fmt: skip
     print(fit_trace.format_summary(summary), flush=True)
     return summary
@@ -564,4 +566,8 @@ def device_name(runtime: Runtime) -> str:
 
 
 if __name__ == "__main__":
+    # kiln's own lines on stderr (the device checks keep it as each section's log): which data path, compile and
+    # CUDA-graph choices a run made, and why.
+    logging.basicConfig(stream=sys.stderr, format="%(levelname).1s %(name)s: %(message)s")
+    logging.getLogger("kiln").setLevel(logging.INFO)
     main(sys.argv[1:])

@@ -60,12 +60,14 @@ def launch_training(
         raise ConfigError(f"train.devices={processes} but only {gpus} GPU(s) are visible; set train.devices=auto")
     if processes > 1 and config.keep_hardest is not None:
         raise ConfigError(ONE_PROCESS_ONLY)
-    if processes > 1 and config.compile_mode == "reduce-overhead":
-        raise ConfigError(
-            "train.compile_mode=reduce-overhead (CUDA graphs) trains in one process only: kiln has not been checked "
-            "with data-parallel gradients under CUDA graphs. Add --set train.devices=1, or --set "
-            "train.compile_mode=default"
-        )
+    captured = {"compile_mode=reduce-overhead": ("compile_mode=default", config.compile_mode == "reduce-overhead"),
+                "cuda_graph=true": ("cuda_graph=false", config.cuda_graph)}  # fmt: skip
+    for setting, (undo, asked) in captured.items():
+        if processes > 1 and asked:
+            raise ConfigError(
+                f"train.{setting} (CUDA graphs) trains in one process only: kiln has not been checked with "
+                f"data-parallel gradients under CUDA graphs. Add --set train.devices=1, or --set train.{undo}"
+            )
     if config.batch_size % processes:
         raise ConfigError(
             f"train.batch_size={config.batch_size} is the global batch and must divide evenly among {processes} "
@@ -91,7 +93,7 @@ def launch_training(
                     if on_epoch is not None:
                         on_epoch(json.loads(line[len(EPOCH_LINE):]))
                     continue
-                tail = (tail + [line.rstrip()])[-30:]
+                tail = (tail + [line.rstrip()])[-150:]
         if workers.returncode != 0:
             raise KilnError(
                 f"data-parallel training failed (torchrun exit {workers.returncode}); last output:\n" + "\n".join(tail)

@@ -99,8 +99,10 @@ class Muon(torch.optim.Optimizer):
     options: lr, momentum, weight_decay (coupled, as SGD's; orthogonalized groups take none: their norm is fixed),
     orthogonalize. `fused` runs the SGD groups' step as torch's fused kernel (CUDA); `compile_orthogonalization`
     runs the Newton-Schulz iteration through torch.compile (compiled_orthogonalized; eager, with a warning, if
-    compiling fails). Under fp16 a GradScaler unscales the gradients first and checks them for inf on the host,
-    so each step waits for the GPU (torch's fused SGD alone takes that check on the device): prefer bf16."""
+    compiling fails). `lr` may be a float or, per group, a 0-d tensor on the parameters' device, which the step
+    reads on the device (kiln/step_graph.py). Under fp16 a GradScaler unscales the gradients first and checks them
+    for inf on the host, so each step waits for the GPU (torch's fused SGD alone takes that check on the device):
+    prefer bf16."""
 
     def __init__(
         self,
@@ -178,7 +180,10 @@ class Muon(torch.optim.Optimizer):
         step_scales = [math.sqrt(max(1.0, rows / columns)) for rows, columns in shapes]
         if any(scale != 1.0 for scale in step_scales):  # a tall filter steps further (see the class doc)
             torch._foreach_mul_(directions, step_scales)
-        torch._foreach_add_(parameters, directions, alpha=-group["lr"])
+        # lr: a float, or a 0-d device tensor that a captured step reads at every replay (kiln/step_graph.py); both
+        # round alike this way, which an add with alpha (a fused multiply-add on a CPU) would not.
+        torch._foreach_mul_(directions, group["lr"])
+        torch._foreach_sub_(parameters, directions)
         return buffers
 
     def _orthogonalized_by_shape(self, updates: list[torch.Tensor], shapes: list[tuple[int, int]]

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kiln import step_graph
 from kiln.config import NORMALIZED_CONV_MODELS, TrainConfig
 from kiln.errors import ConfigError
 from kiln.hard_examples import ONE_PROCESS_ONLY, build_selector
@@ -61,9 +62,10 @@ class Runtime:
     def autocast_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
-    def autocast(self):
+    def autocast(self, cache: bool = True):
+        """`cache=False` casts a weight afresh at every use, as a step captured as a CUDA graph needs."""
         dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
 
 
 def resolve_runtime(device: str, precision: str) -> Runtime:
@@ -300,7 +302,10 @@ def _test_time_views(batch: torch.Tensor, tta: str) -> list[tuple[torch.Tensor, 
 class Objective:
     """What fit minimises: cross-entropy with the labels. A subclass adds terms (distillation's soft targets,
     kiln/compression/distillation.py) and per-epoch figures, and gets all of fit with them: the data paths,
-    precision, compile, EMA, DDP and checkpoint/resume."""
+    precision, compile, EMA, DDP and checkpoint/resume. `capturable`: its loss keeps no figures on the host, so a
+    step with it can be captured as a CUDA graph (train.cuda_graph)."""
+
+    capturable = True
 
     def __init__(self, label_smoothing: float = 0.0):
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -392,7 +397,10 @@ def fit(
         torch.set_rng_state(state["torch_rng"])  # augmentation draws continue as if never interrupted
         LOGGER.info(f"resuming from the checkpoint after epoch {start_epoch - 1} of {config.epochs}")
     with cudnn_autotuned(runtime.device):
-        step = compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
+        model_step = compiled(_data_parallel(model, runtime, distributed), config, runtime, total_steps)
+        totals = StepTotals(runtime.device)
+        train_step = _graphed_if_asked(TrainStep(model_step, objective, optimizer, scaler, runtime, totals, selector),
+                                       config, distributed)  # fmt: skip
         writer = distributed is None or distributed.is_writer
         evaluated = average.module if average is not None else model
         last_saved = time.perf_counter()
@@ -400,35 +408,20 @@ def fit(
             model.train()
             _synchronize(runtime)
             started = time.perf_counter()
-            loss_sum = torch.zeros((), device=runtime.device)
-            correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+            totals.reset()
             seen = 0
             for inputs, labels in batches.epoch(generator, epoch):
-                share = 1.0
-                if selector is not None:
-                    offered = len(labels)
-                    inputs, labels = selector.select(inputs, labels)
-                    share = len(labels) / offered  # the kept examples' loss at full-batch scale (hard_examples.py)
-                with runtime.autocast():
-                    logits = step(inputs)
-                    loss = objective.loss(inputs, logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss if selector is None else loss * share).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                seen += train_step(inputs, labels)
                 scheduler.step()
                 if lookahead is not None:
                     lookahead.step()
                 if average is not None:
                     average.update_parameters(model)
-                # Accumulated on the device: a float() per step would wait for the GPU every step.
-                loss_sum.add_(loss.detach(), alpha=len(labels))
-                correct += (logits.argmax(dim=1) == labels).sum()
-                seen += len(labels)
             if lookahead is not None and epoch == config.epochs:
                 lookahead.finish()  # before the last epoch is scored and saved: those are the weights fit returns
             _synchronize(runtime)
             seconds = time.perf_counter() - started
+            loss_sum, correct = totals.loss_sum, totals.correct
             if distributed is not None:
                 loss_sum, correct, seen = _sum_across_ranks(loss_sum, correct, seen, runtime)
             row = {
@@ -436,7 +429,7 @@ def fit(
                 "train_loss": round(float(loss_sum) / max(seen, 1), 5),
                 "train_accuracy": round(int(correct) / max(seen, 1), 5),
                 "val_accuracy": _accuracy(evaluated, validation_set, prep, runtime) if writer else None,
-                "lr": round(scheduler.get_last_lr()[0], 6),
+                "lr": round(float(scheduler.get_last_lr()[0]), 6),
                 "seconds": round(seconds, 3),
                 "images_per_s": round(seen / max(seconds, 1e-9), 1),
                 "data_path": batches.name,
@@ -453,6 +446,71 @@ def fit(
     if average is not None:
         model.load_state_dict(average.module.state_dict())
     return history
+
+
+class StepTotals:
+    """An epoch's summed train loss and count of correct predictions, kept on the device (a float() per step would
+    wait for the GPU every step) and added to in place, so that a captured step adds to the same tensors."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum.add_(loss.detach(), alpha=len(labels))
+        self.correct.add_((logits.argmax(dim=1) == labels).sum())
+
+
+class TrainStep:
+    """One training step on a batch: forward, the objective's loss, backward, the optimizer's step, and the
+    epoch's totals; returns the number of images it trained on. Run eagerly, or captured once and replayed
+    (kiln/step_graph.py) where none of this reads a device value on the host (not so with the selector or fp16's
+    GradScaler)."""
+
+    def __init__(self, model_step: Callable, objective: Objective, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, runtime: Runtime, totals: StepTotals, selector: Any = None,
+                 autocast_cache: bool = True):  # fmt: skip
+        self.model_step, self.objective, self.optimizer, self.scaler = model_step, objective, optimizer, scaler
+        self.runtime, self.totals, self.selector, self.autocast_cache = runtime, totals, selector, autocast_cache
+
+    def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> int:
+        share = 1.0
+        if self.selector is not None:
+            offered = len(labels)
+            inputs, labels = self.selector.select(inputs, labels)
+            share = len(labels) / offered  # the kept examples' loss at full-batch scale (hard_examples.py)
+        with self.runtime.autocast(cache=self.autocast_cache):
+            logits = self.model_step(inputs)
+            loss = self.objective.loss(inputs, logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss if self.selector is None else loss * share).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.totals.add(loss, logits, labels)
+        return len(labels)
+
+
+def _graphed_if_asked(step: TrainStep, config: TrainConfig, distributed: Distributed | None
+                      ) -> Callable[[torch.Tensor, torch.Tensor], int]:  # fmt: skip
+    """`step`, or with train.cuda_graph its captured form (kiln/step_graph.py); eager, with a log line saying why,
+    where this run's steps cannot be captured."""
+    if not config.cuda_graph:
+        return step
+    device = step.runtime.device
+    backend = step_graph.backend_for(device)
+    reason = "CUDA graphs need a CUDA device" if backend is None else step_graph.unavailable_reason(
+        step.optimizer, step.runtime.precision, distributed=distributed is not None, selector=step.selector is not None,
+        capturable_objective=step.objective.capturable,
+    )  # fmt: skip
+    if reason is not None:
+        LOGGER.info(f"train.cuda_graph: {reason}; the steps run eagerly")
+        return step
+    step.autocast_cache = False  # a replay must not reuse weights cast while capturing
+    return step_graph.GraphedSteps(step, step.optimizer, device, backend)
 
 
 @contextlib.contextmanager
@@ -780,8 +838,8 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, generator, epoch: 
             **({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
             **({"selector": selector.state_dict()} if selector is not None else {}),
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": step_graph.host_learning_rates(optimizer.state_dict()),
+            "scheduler": step_graph.host_learning_rates(scheduler.state_dict()),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "epoch": epoch,

@@ -57,6 +57,8 @@ class DistillationObjective(Objective):
     """fit's objective for a student: `distillation_loss` against the frozen teacher's logits for the same batch,
     and each epoch's top-1 agreement with the teacher."""
 
+    capturable = False  # the agreement's count of images is kept on the host, step by step
+
     def __init__(self, teacher: nn.Module, temperature: float, alpha: float, label_smoothing: float = 0.0):
         super().__init__(label_smoothing)
         self.teacher, self.temperature, self.alpha = teacher.eval(), temperature, alpha

@@ -18,7 +18,7 @@ TRAIN_KEYS = ("model, epochs, batch_size, optimizer, lr, weight_decay, momentum,
               "label_smoothing, validation_fraction, schedule, device, precision, num_workers, data_path, compile, "
               "compile_mode, ema_decay, warmup_fraction, initial_lr_fraction, final_lr_fraction, lookahead_steps, "
               "identity_init, bias_lr_scale, decay_biases, whiten_bias_epochs, whiten_bias_schedule, keep_hardest, "
-              "checkpoint_interval_s, devices, seed")
+              "cuda_graph, checkpoint_interval_s, devices, seed")
 MISINDENTED_YAML = "train:\n  epochs: 3\n lr: 0.1\n"  # `lr` indented 1 space, `epochs` 2: a broken block
 KILN_COMMAND = Path(sys.executable).with_name("kiln")  # the console script, as users run it
 

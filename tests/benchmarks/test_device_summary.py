@@ -10,9 +10,11 @@ import device_summary  # benchmarks/ (tests/benchmarks/conftest.py)
 def test_a_sections_log_lines_that_change_how_to_read_its_times_are_shown_once_each(tmp_path):
     log = tmp_path / "fast-cudagraphs.log"
     log.write_text("I an ordinary line\nskipping cudagraphs due to mutated inputs (2 instances)\n"
-                   "skipping cudagraphs due to mutated inputs (2 instances)\nW Recompiling function forward\n")
+                   "skipping cudagraphs due to mutated inputs (2 instances)\nW Recompiling function forward\n"
+                   "I train.cuda_graph: captured the training step after 3 eager steps\n")
     assert device_summary.warnings_of(log) == ["skipping cudagraphs due to mutated inputs (2 instances)",
-                                               "W Recompiling function forward"]
+                                               "W Recompiling function forward",
+                                               "I train.cuda_graph: captured the training step after 3 eager steps"]
     assert device_summary.warnings_of(tmp_path / "absent.log") == []
 
 
