@@ -125,7 +125,8 @@ def main(argv: list[str]) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no usable CUDA device; use --device cpu (or auto)")
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    report: dict[str, Any] = {"device": name, "date": str(date.today()), "command": argv, "step_ops": []}
+    report: dict[str, Any] = {"device": name, "date": str(date.today()), "command": argv,
+                              "overrides": args.overrides, "step_ops": []}  # fmt: skip
     for profile in args.profile or ["cifar10-fast"]:
         try:
             counts = count_step_operations(profile, args.overrides, device, args.batch_size)

@@ -8,9 +8,9 @@ import step_ops
 
 def test_counts_one_steps_operations_of_the_profiles_own_loop_without_views_or_allocations(tmp_path, capsys):
     report = tmp_path / "step-ops.json"
-    step_ops.main(["--batch-size", "8", "--device", "cpu", "--json-out", str(report)])  # cifar10-fast: Muon
+    step_ops.main(["--batch-size", "8", "--device", "cpu", "--set", "train.seed=1", "--json-out", str(report)])
     assert "operations dispatched per step" in capsys.readouterr().out
-    [counts] = json.loads(report.read_text())["step_ops"]
+    [counts] = json.loads(report.read_text())["step_ops"]  # cifar10-fast: Muon
     per_step = {row["operation"]: row["per_step"] for row in counts["top"]}
     # fastnet has 7 convolutions (the whitening one and two per group): each runs once forward and once backward
     # in every step, so the count is per step, not per epoch or per run
@@ -21,6 +21,7 @@ def test_counts_one_steps_operations_of_the_profiles_own_loop_without_views_or_a
     device_summary.main(tmp_path)
     summary = capsys.readouterr().out
     assert f"cifar10-fast (cpu, fp32): {counts['operations_per_step']} operations dispatched a step" in summary
+    assert "## step-ops: --set train.seed=1" in summary  # which settings, when a GPU call counts more than one way
 
 
 def test_a_bad_profile_or_device_stops_with_one_line_saying_what_to_do(monkeypatch):
