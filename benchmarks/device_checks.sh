@@ -85,7 +85,9 @@ run() {
     #   at as many as fit the time target, 5 seeds each; then a profiler trace of one epoch (benchmarks/fit_trace.py):
     #   how busy the GPU is (busy_share), and which operators take the host's time.
     # fast-graphed: the same with train.cuda_graph=true, on the same host: the epochs' times and spread against
-    #   fast's, and the trace's busy_share. If it is faster, more epochs fit the target.
+    #   fast's. If it is faster, more epochs fit the target. Read its trace's device figures with care: CUPTI's
+    #   records of kernels replayed from CUDA graphs are known to be wrong before CUDA 13.1 update 1 (pytorch/kineto
+    #   issue 1165), and the host has CUDA 13.0; the epoch times are the measure.
     # long-graphed: cifar10-long, compiled, in bf16 (fp16's GradScaler cannot be captured; bf16 trained as well in
     #   the eighth session, 2 seeds), with train.cuda_graph=true, fitted, 3 seeds, and a trace.
     # fast-compiled-graphed: cifar10-fast compiled and captured, fitted, 3 seeds, and its trace. In the eighth
