@@ -100,3 +100,16 @@ def test_muon_trains_data_parallel_as_in_one_process(data_dir, tmp_path):
     # initial filters are near sqrt(output channels / 3). So the weights rank 0 saved took Muon's steps.
     for tensor in filters:
         assert tensor.norm().item() == pytest.approx(tensor.shape[0] ** 0.5, rel=1e-3)
+
+
+def test_a_rank_that_fails_fails_the_run_with_its_own_error_in_the_message(tmp_path):
+    """A worker that raises still exits as failed (only a worker whose work is done skips the interpreter's
+    teardown), and the message keeps the rank's own traceback, not only torchrun's."""
+    from kiln.runtime.errors import KilnError
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(KilnError, match="data-parallel training failed") as failed:
+        launch_training(tmp_path / "no-such-dataset", POLICY, config(devices=2), tmp_path / "ddp.pt", out_dir)
+    assert "no-such-dataset" in str(failed.value)
+    assert sorted(out_dir.iterdir()) == []
