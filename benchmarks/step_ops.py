@@ -12,15 +12,23 @@ on the machine's load, and the batch size changes none of them (so a small one i
 
     python benchmarks/step_ops.py --profile cifar10-fast --profile cifar10-long
     python benchmarks/step_ops.py --profile cifar10-fast --set train.optimizer=sgd --device cuda
+    python benchmarks/step_ops.py --device cpu --outside-graph --set train.precision=bf16 --profile cifar10-long
+
+`--outside-graph` counts, on a machine without CUDA graphs, what the host still dispatches per step with
+train.cuda_graph (kiln/step_graph.py): the step is "captured" by a stand-in that records nothing, and each replay
+does nothing, where on CUDA one graph launch does the step's work. On CUDA, `--set train.cuda_graph=true` counts the
+same with real graphs.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import platform
 import sys
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kiln
 
+from kiln import step_graph  # noqa: E402
 from kiln.config import load_config  # noqa: E402
 from kiln.dataset import ImageDataset  # noqa: E402
 from kiln.errors import ConfigError  # noqa: E402
@@ -99,6 +108,19 @@ def count_step_operations(profile: str, overrides: list[str], device: str = "cpu
     }
 
 
+@contextlib.contextmanager
+def steps_outside_the_graph() -> Iterator[None]:
+    """train.cuda_graph captures through a stand-in: capture records nothing, a replay does nothing
+    (--outside-graph)."""
+    original = step_graph.backend_for
+    skipped = step_graph.GraphBackend(contextlib.nullcontext, lambda function: lambda: None)
+    step_graph.backend_for = lambda device: skipped
+    try:
+        yield
+    finally:
+        step_graph.backend_for = original
+
+
 def format_counts(counts: dict[str, Any]) -> str:
     overrides = " ".join(f"--set {setting}" for setting in counts["overrides"])
     lines = [
@@ -120,16 +142,24 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json-out", type=Path, help="also write the counts here (device_summary.py prints them)")
+    parser.add_argument("--outside-graph", action="store_true", help="with train.cuda_graph on and a stand-in for "
+                        "CUDA's capture: what the host dispatches around a captured step (see above)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.outside_graph:
+        args.overrides = ["train.cuda_graph=true", *args.overrides]
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: this machine has no usable CUDA device; use --device cpu (or auto)")
+    if args.outside_graph and device == "cuda":
+        raise SystemExit("--outside-graph stands in for CUDA graphs where there are none; on CUDA use --set "
+                         "train.cuda_graph=true, which captures for real")  # fmt: skip
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     report: dict[str, Any] = {"device": name, "date": str(date.today()), "command": argv,
                               "overrides": args.overrides, "step_ops": []}  # fmt: skip
     for profile in args.profile or ["cifar10-fast"]:
         try:
-            counts = count_step_operations(profile, args.overrides, device, args.batch_size)
+            with steps_outside_the_graph() if args.outside_graph else contextlib.nullcontext():
+                counts = count_step_operations(profile, args.overrides, device, args.batch_size)
         except ConfigError as error:  # an unknown profile or a --set the config refuses: its message, no traceback
             raise SystemExit(f"step_ops: {error}") from None
         print(format_counts(counts), flush=True)

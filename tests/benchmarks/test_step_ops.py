@@ -30,3 +30,20 @@ def test_a_bad_profile_or_device_stops_with_one_line_saying_what_to_do(monkeypat
     monkeypatch.setattr(step_ops.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no usable CUDA device; use --device cpu"):
         step_ops.main(["--device", "cuda"])
+
+
+def test_outside_the_graph_the_host_dispatches_the_batch_and_the_lr_updates_not_the_step(tmp_path, capsys):
+    report = tmp_path / "step-ops.json"
+    step_ops.main(["--batch-size", "8", "--device", "cpu", "--outside-graph", "--json-out", str(report)])
+    [counts] = json.loads(report.read_text())["step_ops"]
+    per_step = {row["operation"]: row["per_step"] for row in counts["top"]}
+    assert counts["overrides"] == ["train.cuda_graph=true"]
+    assert "convolution" not in per_step and "convolution_backward" not in per_step  # the step is the graph's
+    assert per_step["fill_"] == 4 and per_step["copy_"] == 2  # cifar10-fast's 4 lrs; the captured inputs, labels
+    assert counts["operations_per_step"] < 40
+
+
+def test_outside_graph_is_refused_on_cuda(monkeypatch):
+    monkeypatch.setattr(step_ops.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="on CUDA use --set train.cuda_graph=true"):
+        step_ops.main(["--device", "cuda", "--outside-graph"])
