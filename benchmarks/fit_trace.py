@@ -95,6 +95,12 @@ def format_summary(summary: dict[str, Any], rows: int = 2 * TOP_OPERATORS) -> st
 
 
 def _on_device(event: Any) -> bool:
+    """A kernel or copy the device ran. Not a user annotation: a record_function range (ProfilerStep#, an
+    optimizer's step, a compiled graph's call) also appears on the device's timeline, spanning the kernels inside
+    it, and counting it would count them twice (torch's own table leaves it out too); an epoch's ProfilerStep alone
+    would add 100 % to busy_share."""
+    if getattr(event, "is_user_annotation", False):
+        return False
     return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
 
 

@@ -39,3 +39,27 @@ def test_a_run_shorter_than_the_traced_epoch_says_so():
         trace.on_epoch({"epoch": 1, "seconds": 0.1})
     with pytest.raises(RuntimeError, match="the run ended before its epoch 2 was traced"):
         trace.summary(steps_per_epoch=1)
+
+
+class _Event:  # what summarize reads of a profiler's key_averages() row
+    def __init__(self, key, device_us=0.0, cpu_us=0.0, count=1, on_device=True, annotation=False):
+        self.key, self.count, self.self_cpu_time_total = key, count, cpu_us
+        self.self_device_time_total = device_us
+        self.device_type = torch.autograd.DeviceType.CUDA if on_device else torch.autograd.DeviceType.CPU
+        self.is_user_annotation = annotation
+
+
+def test_device_time_counts_kernels_once_not_the_annotated_ranges_around_them():
+    """On CUDA, record_function ranges (ProfilerStep#, Optimizer.step#...) appear on the device's timeline too,
+    spanning the kernels inside them: a 0.4 s epoch whose kernels ran 0.3 s is 75 % busy, not 175 %."""
+    events = [
+        _Event("void cudnn_conv_kernel", device_us=200_000, count=20),
+        _Event("elementwise_kernel", device_us=100_000, count=80),
+        _Event("ProfilerStep#2", device_us=400_000, annotation=True),
+        _Event("Optimizer.step#Muon.step", device_us=50_000, count=10, annotation=True),
+        _Event("aten::convolution", device_us=200_000, cpu_us=30_000, count=20, on_device=False),
+    ]
+    summary = fit_trace.summarize(events, training_seconds=0.4, steps=10)
+    assert summary["busy_share"] == 0.75
+    assert summary["device_ms_per_step"] == 30.0 and summary["kernels_per_step"] == 10.0
+    assert summary["host_ms_per_step"] == 3.0
