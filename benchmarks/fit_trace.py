@@ -60,6 +60,7 @@ def summarize(events: Any, training_seconds: float, steps: int) -> dict[str, Any
     """Totals per step and the top operators by device time and by host time (milliseconds), from a profiler's
     key_averages(). Device time is summed over the device's own events (kernels, copies) only: an operator on the
     host also carries the time of the kernels it launched, which would count them twice."""
+    events = [event for event in events if not _device_annotation(event)]
     on_device = [event for event in events if _on_device(event)]
     operators = [event for event in events if not _on_device(event)]
     device_us = sum(_device_us(event) for event in on_device)
@@ -95,13 +96,15 @@ def format_summary(summary: dict[str, Any], rows: int = 2 * TOP_OPERATORS) -> st
 
 
 def _on_device(event: Any) -> bool:
-    """A kernel or copy the device ran. Not a user annotation: a record_function range (ProfilerStep#, an
-    optimizer's step, a compiled graph's call) also appears on the device's timeline, spanning the kernels inside
-    it, and counting it would count them twice (torch's own table leaves it out too); an epoch's ProfilerStep alone
-    would add 100 % to busy_share."""
-    if getattr(event, "is_user_annotation", False):
-        return False
     return getattr(event, "device_type", DeviceType.CPU) != DeviceType.CPU
+
+
+def _device_annotation(event: Any) -> bool:
+    """A record_function range (ProfilerStep#, an optimizer's step, a compiled graph's call) as it also appears on
+    the device's timeline, spanning the kernels inside it: counting it would count them twice (torch's own table
+    leaves it out too; an epoch's ProfilerStep alone would add 100 % to busy_share), and it is no operator. Its
+    host-side row, the operator, stays."""
+    return bool(getattr(event, "is_user_annotation", False)) and _on_device(event)
 
 
 def _device_us(event: Any) -> float:

@@ -14,10 +14,11 @@ on the machine's load, and the batch size changes none of them (so a small one i
     python benchmarks/step_ops.py --profile cifar10-fast --set train.optimizer=sgd --device cuda
     python benchmarks/step_ops.py --device cpu --outside-graph --set train.precision=bf16 --profile cifar10-long
 
-`--outside-graph` counts, on a machine without CUDA graphs, what the host still dispatches per step with
-train.cuda_graph (kiln/step_graph.py): the step is "captured" by a stand-in that records nothing, and each replay
-does nothing, where on CUDA one graph launch does the step's work. On CUDA, `--set train.cuda_graph=true` counts the
-same with real graphs.
+The record-speed profiles capture their steps as CUDA graphs (train.cuda_graph, kiln/step_graph.py): on CUDA their
+count is what the host dispatches around a captured step; `--set train.cuda_graph=false` counts the eager step. A
+CPU has no graphs and runs the steps eagerly. `--outside-graph` counts there what the host still dispatches per
+captured step: the step is "captured" by a stand-in that records nothing, and each replay does nothing, where on
+CUDA one graph launch does the step's work.
 """
 
 from __future__ import annotations

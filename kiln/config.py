@@ -239,7 +239,8 @@ class TrainConfig(Section):
     cuda_graph: bool = Field(
         False, description="on CUDA, capture each whole training step (forward, backward, optimizer step) once as a "
         "CUDA graph and replay it, so that a small network's steps stop waiting on the host issuing their kernels "
-        "(kiln/step_graph.py); sgd or muon, bf16 or fp32, one process; on a CPU, steps run eagerly",
+        "(kiln/step_graph.py); sgd or muon, bf16 or fp32; steps run eagerly, with a log line saying why, on a CPU, "
+        "under data parallelism, and with fp16, adamw, keep_hardest or compile_mode=reduce-overhead",
     )
     checkpoint_interval_s: float = Field(
         0.0, ge=0, description="seconds between checkpoints (one is always written after the last epoch); 0: after "
@@ -302,28 +303,6 @@ class TrainConfig(Section):
         if value != "default" and info.data.get("compile") == "off":
             raise ValueError(f"{value} is how torch.compile compiles, but train.compile=off compiles nothing: add "
                              "--set train.compile=on, or --set train.compile_mode=default")  # fmt: skip
-        return value
-
-    @field_validator("cuda_graph")
-    @classmethod
-    def _graph_capturable_steps(cls, value: bool, info: ValidationInfo) -> bool:
-        if not value:
-            return value
-        refusals = {
-            "precision": ("fp16", "fp16's GradScaler checks every step's gradients on the host, which a replayed "
-                          "step cannot: add --set train.precision=bf16"),
-            "optimizer": ("adamw", "kiln captures sgd and muon steps, not adamw's: add --set train.optimizer=sgd"),
-            "compile_mode": ("reduce-overhead", "reduce-overhead captures the compiled model's own CUDA graphs: add "
-                             "--set train.compile_mode=default"),
-        }  # fmt: skip
-        for key, (refused, why) in refusals.items():
-            if info.data.get(key) == refused:
-                raise ValueError(f"cannot capture steps with train.{key}={refused}: {why}, or --set "
-                                 "train.cuda_graph=false")  # fmt: skip
-        if info.data.get("keep_hardest") is not None:
-            raise ValueError("cannot capture steps with train.keep_hardest: its proxy picks each batch's examples "
-                             "on the host; add --set train.keep_hardest=null, or --set "
-                             "train.cuda_graph=false")  # fmt: skip
         return value
 
     @field_validator("lookahead_steps")

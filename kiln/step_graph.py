@@ -68,16 +68,18 @@ def backend_for(device: torch.device) -> GraphBackend | None:
 
 
 def unavailable_reason(optimizer: torch.optim.Optimizer, precision: str, *, distributed: bool, selector: bool,
-                       capturable_objective: bool) -> str | None:  # fmt: skip
-    """Why this run's steps cannot be captured (None: they can). TrainConfig refuses the settings it can see
-    (fp16, adamw, keep_hardest); fit checks again what it runs, since a config copied with changes is not
-    re-validated."""
+                       capturable_objective: bool, compiled_graphs: bool = False) -> str | None:  # fmt: skip
+    """Why this run's steps cannot be captured (None: they can). Not a config error: the record-speed profiles
+    capture their steps, and a setting added to one of them (fp16, adamw, keep_hardest) or a host with several GPUs
+    makes them run eagerly instead, as a CPU does."""
     from kiln.muon import Muon
 
     if not isinstance(optimizer, (torch.optim.SGD, Muon)):
         return f"kiln captures SGD and Muon steps, not {type(optimizer).__name__}'s"
     if precision == "fp16":
         return "fp16's GradScaler checks every step's gradients on the host"
+    if compiled_graphs:
+        return "train.compile_mode=reduce-overhead replays the compiled model's own CUDA graphs"
     if distributed:
         return "data-parallel steps are not captured"
     if selector:

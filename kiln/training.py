@@ -320,8 +320,9 @@ class Objective:
 
 
 # compile=auto: below this many steps, compiling costs more than it saves. On an H200 (benchmarks/RESULTS.md) it took
-# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps; on the eighth session's noisier host compiled
-# fastnet epochs were no faster at all); ResNet-9 saves ~3.7 ms a step (issue #7).
+# ~12 s for fastnet and saved 0.7 ms a step (break-even ~16,000 steps); ResNet-9 saves ~3.7 ms a step (issue #7).
+# Whether it saves anything depends on the steps being captured (train.cuda_graph): in the eleventh session
+# cifar10-fast's compiled epochs took 0.17-0.19 s captured, 0.30 s not captured, against 0.22 s eager.
 COMPILE_MIN_STEPS = 10_000
 PREPARE_SAMPLES = 5000  # training images a model's data-dependent initialisation (prepare) looks at
 
@@ -504,7 +505,7 @@ def _graphed_if_asked(step: TrainStep, config: TrainConfig, distributed: Distrib
     backend = step_graph.backend_for(device)
     reason = "CUDA graphs need a CUDA device" if backend is None else step_graph.unavailable_reason(
         step.optimizer, step.runtime.precision, distributed=distributed is not None, selector=step.selector is not None,
-        capturable_objective=step.objective.capturable,
+        capturable_objective=step.objective.capturable, compiled_graphs=config.compile_mode == "reduce-overhead",
     )  # fmt: skip
     if reason is not None:
         LOGGER.info(f"train.cuda_graph: {reason}; the steps run eagerly")

@@ -151,6 +151,13 @@ def test_the_entrypoint_is_the_flow_and_the_parameters_fit_it(deployment_id, mon
                 if key not in (parameters["config"].get(section) or {})
             )
             assert not missing, f"{deployment_id}: profile {config.profile} sets {missing}, which this config omits"
+            stale = sorted(
+                f"{section}.{key}: {parameters['config'][section][key]!r}, the profile {value!r}"
+                for section, values in profile_values(config.profile).items()
+                for key, value in (values or {}).items()
+                if parameters["config"][section][key] != value
+            )
+            assert not stale, f"{deployment_id}: written out from profile {config.profile}, but differs: {stale}"
     if "policy" in parameters:
         RetrainPolicy.model_validate(parameters["policy"])
 

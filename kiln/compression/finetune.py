@@ -44,9 +44,12 @@ def fine_tune(
     history ([] for 0 epochs)."""
     history: list[dict[str, Any]] = []
     if epochs > 0:
-        # No keep_hardest: a proxy starting from scratch would rank a trained model's batches at random.
+        # No keep_hardest: a proxy starting from scratch would rank a trained model's batches at random. Eager steps:
+        # capturing (train.cuda_graph) repays itself over many short steps, not a few epochs of fine-tuning, and
+        # has not been checked on a GPU with pruning's re-masking hooks.
         update = {"epochs": epochs, "lr": recipe.lr * lr_scale, "muon_lr": recipe.muon_lr * lr_scale,
-                  "schedule": "cosine", "validation_fraction": 0.0, "keep_hardest": None}  # fmt: skip
+                  "schedule": "cosine", "validation_fraction": 0.0, "keep_hardest": None,
+                  "cuda_graph": False}  # fmt: skip
         if recipe.whiten_bias_epochs is not None:
             update["whiten_bias_epochs"] = 0  # the recipe stopped the whitening bias: it stays where training left it
         config = recipe.model_copy(update=update)

@@ -63,3 +63,5 @@ def test_device_time_counts_kernels_once_not_the_annotated_ranges_around_them():
     assert summary["busy_share"] == 0.75
     assert summary["device_ms_per_step"] == 30.0 and summary["kernels_per_step"] == 10.0
     assert summary["host_ms_per_step"] == 3.0
+    operators = {row["operator"] for row in summary["top_device"] + summary["top_host"]}
+    assert operators == {"aten::convolution"}

@@ -196,6 +196,7 @@ def test_fine_tuning_a_muon_recipe_scales_the_filters_lr_too(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(finetune, "fit", lambda model, train_set, validation, prep, config, *rest, **options:
                         seen.append(config) or [])  # fmt: skip
-    recipe = TrainConfig(model="fastnet", optimizer="muon", lr=1.5, muon_lr=0.24)
+    recipe = TrainConfig(model="fastnet", optimizer="muon", lr=1.5, muon_lr=0.24, cuda_graph=True)
     finetune.fine_tune(torch.nn.Linear(2, 2), None, None, recipe, None, 2, 0.1, tmp_path / "checkpoint.pt")
     assert (seen[0].lr, seen[0].muon_lr) == (pytest.approx(0.15), pytest.approx(0.024))
+    assert not seen[0].cuda_graph  # the recipe captured its steps; fine-tuning runs them eagerly

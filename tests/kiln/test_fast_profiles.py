@@ -15,8 +15,9 @@ from tests.conftest import make_blobs_dataset
 @pytest.mark.parametrize("profile", ["cifar10-fast", "cifar10-long"])
 def test_the_fast_recipes_train_on_the_cpu_as_they_are(profile, tmp_path):
     """Each record-speed profile's whole combination of settings (cifar10-fast: Muon, the whitening bias's own
-    schedule, the alternating flip; cifar10-long: fastnet_lean, Cutout inside the image, Lookahead, fp16, which the
-    CPU replaces by fp32) trains on the CPU as it is, only smaller: a few steps lower the loss well below chance's."""
+    schedule, the alternating flip; cifar10-long: fastnet_lean, Cutout inside the image, Lookahead; both capture their
+    steps as CUDA graphs on a GPU and run bf16 there, eager and fp32 on the CPU) trains on the CPU as it is, only
+    smaller: a few steps lower the loss well below chance's."""
     # the device data path, as on a GPU: it runs the alternating flip (the CPU's loader path flips at random)
     config = load_config(profile, overrides=["train.batch_size=32", "train.epochs=8", "train.data_path=device"])
     data_dir = tmp_path / "blobs"

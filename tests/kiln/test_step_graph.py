@@ -20,7 +20,6 @@ from kiln import step_graph
 from kiln.augmentation import resolve_policy
 from kiln.config import TrainConfig, load_config
 from kiln.dataset import write_dataset
-from kiln.errors import ConfigError
 from kiln.muon import Muon
 from kiln.training import make_scheduler, run_training
 from tests.conftest import make_blobs_dataset
@@ -46,9 +45,11 @@ class ReplayingBackend:
 
 
 def _train(tmp_path, profile: str, overrides: list[str], name: str):
-    # On the CPU unless a test asks for CUDA: the replaying stand-in's comparisons are exact only there.
+    # On the CPU unless a test asks for CUDA: the replaying stand-in's comparisons are exact only there. Eager steps
+    # unless a test asks for captured ones (the profiles capture theirs).
     config = load_config(profile, overrides=["train.batch_size=32", "train.epochs=4", "train.data_path=device",
-                                             "train.precision=fp32", "train.device=cpu", *overrides])  # fmt: skip
+                                             "train.precision=fp32", "train.device=cpu", "train.cuda_graph=false",
+                                             *overrides])  # fmt: skip
     data_dir = tmp_path / "blobs"
     if not data_dir.exists():
         data_dir.mkdir()
@@ -186,17 +187,39 @@ def test_muon_steps_exactly_alike_with_a_tensor_lr():
     assert not torch.equal(eager_filters, start[0])
 
 
-@pytest.mark.parametrize("setting, message", [
+def _step_for(config: TrainConfig):
+    """What _graphed_if_asked reads of a TrainStep, for `config` (its optimizer's class, precision, selector)."""
+    from types import SimpleNamespace
+
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = (torch.optim.AdamW(parameters) if config.optimizer == "adamw"
+                 else torch.optim.SGD(parameters, lr=0.1))  # fmt: skip
+    return SimpleNamespace(runtime=SimpleNamespace(device=torch.device("cpu"), precision=config.precision),
+                           selector=object() if config.keep_hardest else None, optimizer=optimizer,
+                           objective=SimpleNamespace(capturable=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("setting, reason", [
     ("train.precision=fp16", "fp16's GradScaler checks every step's gradients on the host"),
-    ("train.optimizer=adamw", "kiln captures sgd and muon steps, not adamw's"),
-    ("train.compile_mode=reduce-overhead", "reduce-overhead captures the compiled model's own CUDA graphs"),
-    ("train.keep_hardest=0.5", "its proxy picks each batch's examples on the host"),
+    ("train.optimizer=adamw", "kiln captures SGD and Muon steps, not AdamW's"),
+    ("train.compile_mode=reduce-overhead", "train.compile_mode=reduce-overhead replays the compiled model's own CUDA "
+                                           "graphs"),
+    ("train.keep_hardest=0.5", "the hard-example selector picks each batch's examples on the host"),
 ])  # fmt: skip
-def test_settings_whose_steps_cannot_be_captured_are_refused_with_the_way_out(setting, message):
-    with pytest.raises(ConfigError, match="train.cuda_graph") as refused:
-        load_config("cifar10-long", overrides=["train.compile=on", "train.precision=bf16", setting,
-                                               "train.cuda_graph=true"])  # fmt: skip
-    assert message in str(refused.value) and "--set train.cuda_graph=false" in str(refused.value)
+def test_a_setting_added_to_a_capturing_profile_makes_its_steps_run_eagerly_and_say_why(setting, reason, caplog,
+                                                                                          monkeypatch):  # fmt: skip
+    """The profiles capture their steps; a setting whose steps cannot be captured is no config error on them."""
+    from kiln.training import _graphed_if_asked
+
+    monkeypatch.setattr(step_graph, "backend_for", lambda device: ReplayingBackend().backend())
+    config = load_config("cifar10-long", overrides=["train.compile=on", "train.precision=bf16", setting]).train
+    assert config.cuda_graph
+    step = _step_for(config)
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assert _graphed_if_asked(step, config, None) is step
+    assert f"train.cuda_graph: {reason}; the steps run eagerly" in caplog.text
+    as_profiled = load_config("cifar10-long", overrides=["train.compile=on", "train.precision=bf16"]).train
+    assert isinstance(_graphed_if_asked(_step_for(as_profiled), as_profiled, None), step_graph.GraphedSteps)
 
 
 def test_fit_runs_eagerly_what_a_config_copied_without_validation_could_still_ask_for():
@@ -210,15 +233,21 @@ def test_fit_runs_eagerly_what_a_config_copied_without_validation_could_still_as
     for setting in ("distributed", "selector"):
         assert reason(torch.optim.SGD(parameters, lr=0.1), "fp32", **{**capturable, setting: True}) is not None
     assert reason(torch.optim.SGD(parameters, lr=0.1), "fp32", **{**capturable, "capturable_objective": False})
+    assert "reduce-overhead" in reason(torch.optim.SGD(parameters, lr=0.1), "bf16", **capturable, compiled_graphs=True)
 
 
-def test_cuda_graphs_are_refused_for_data_parallel_training(tmp_path):
-    from kiln.distributed import launch_training
+def test_data_parallel_steps_run_eagerly_and_say_why(caplog, monkeypatch):
+    """devices=auto finds one GPU or several at run time: a profile that captures its steps still trains on
+    several, eagerly, rather than failing there."""
+    from kiln.training import Distributed, _graphed_if_asked
 
-    config = TrainConfig(model="fastnet", optimizer="sgd", cuda_graph=True, devices=2, device="cpu")
-    with pytest.raises(ConfigError, match=r"train.cuda_graph=true \(CUDA graphs\) trains in one process only.*"
-                                          r"--set train.devices=1, or --set train.cuda_graph=false"):
-        launch_training(tmp_path / "nowhere", {"ops": []}, config, tmp_path / "x.pt", tmp_path)
+    monkeypatch.setattr(step_graph, "backend_for", lambda device: ReplayingBackend().backend())
+    config = TrainConfig(model="fastnet", optimizer="sgd", precision="bf16", cuda_graph=True, devices=2)
+    step = _step_for(config)
+    assert isinstance(_graphed_if_asked(step, config, None), step_graph.GraphedSteps)
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        assert _graphed_if_asked(step, config, Distributed(rank=1, world_size=2)) is step
+    assert "train.cuda_graph: data-parallel steps are not captured; the steps run eagerly" in caplog.text
 
 
 def test_on_a_cpu_the_steps_run_eagerly_and_say_why(tmp_path, caplog):
