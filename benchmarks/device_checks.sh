@@ -89,8 +89,9 @@ run() {
     #   network is larger and takes twice the fast recipe's steps an epoch).
     # airbench: train94 and train96 (0.1.8) on the same host and images, 2 runs each: the reference the issue's
     #   table gives for an H100 (measured on H200s in two earlier sessions).
-    # fast-auto, long-auto: the profiles as a single pipeline run trains them (compile=auto: uncompiled), 3 seeds
-    #   and 1: the time a user's one run takes, which compiling would not repay.
+    # fast-auto, long-auto: the profiles as a single pipeline run trains them (compile=auto: uncompiled, captured),
+    #   3 seeds and 1, after the same unreported warm-up run as the other sections (cuDNN's timing of its
+    #   algorithms): the training time where compiling would not repay itself.
     # Every run also scores four TTA combinations; each report records the host's CPU and load average and what
     # torch.compile did (graphs, graph breaks, CUDA-graph skips), and each section's log has TORCH_LOGS'
     # recompiles and cudagraphs lines and kiln's train.cuda_graph lines (device_summary.py prints them). Read the
