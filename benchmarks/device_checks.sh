@@ -92,11 +92,12 @@ run() {
     # fast-auto, long-auto: the profiles as a single pipeline run trains them (compile=auto: uncompiled, captured),
     #   3 seeds and 1, after the same unreported warm-up run as the other sections (cuDNN's timing of its
     #   algorithms): the training time where compiling would not repay itself.
-    # Every run also scores four TTA combinations; each report records the host's CPU and load average and what
-    # torch.compile did (graphs, graph breaks, CUDA-graph skips), and each section's log has TORCH_LOGS'
-    # recompiles and cudagraphs lines and kiln's train.cuda_graph lines (device_summary.py prints them). Read the
-    # traces' device figures with care: CUPTI's records of kernels replayed from CUDA graphs are known to be wrong
-    # before CUDA 13.1 update 1 (pytorch/kineto issue 1165), and the H200 host had CUDA 13.0.
+    # Every run also scores five TTA combinations, now with all ten one-pixel diagonal views (diagonals_probs: a
+    # candidate for cifar10-long's missing 0.03 pt that costs no training); each report records the host's CPU and
+    # load average and what torch.compile did (graphs, graph breaks, CUDA-graph skips), and each section's log has
+    # TORCH_LOGS' recompiles and cudagraphs lines and kiln's train.cuda_graph lines (device_summary.py prints
+    # them). Read the traces' device figures with care: CUPTI's records of kernels replayed from CUDA graphs are
+    # known to be wrong before CUDA 13.1 update 1 (pytorch/kineto issue 1165), and the H200 host had CUDA 13.0.
     # Time targets: 2.5 s and 23 s on the issue's H100 (with a margin: 2.4 s and 22.5 s). On an H200, scaled by what
     #   airbench took on each (train94 about 2.4 s on the issue's H100 against 1.92 s on an H200 here, 0.80; train96
     #   23.3 s against 19.65 s, 0.84), so its figures answer the H100's question. --fit-seconds picks the epochs from

@@ -4,7 +4,8 @@
 
 `benchmarks/device_checks.sh run` prints it last, so the figures survive in a short tail of the call's output: the
 device tool returns only the end of a command's output and a few of its files. TTA combinations: see
-train_speed.py's tta_variants (kiln_probs is evaluate.tta=flip_translate, airbench_logits_wtd is airbench's TTA).
+train_speed.py's tta_variants (kiln_probs is evaluate.tta=flip_translate, airbench_logits_wtd is airbench's TTA,
+diagonals_probs all ten views of shifted_views).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import fit_trace  # benchmarks/, the script's own folder, as is sweep_choice
 from sweep_choice import best_settings
 
 SUMMARY_TRACE_ROWS = 8  # of each trace's operators: the summary must fit the tail the device tool returns
-VARIANTS = ("kiln_probs", "kiln_logits_wtd", "airbench_probs", "airbench_logits_wtd")
+VARIANTS = ("kiln_probs", "kiln_logits_wtd", "airbench_probs", "airbench_logits_wtd", "diagonals_probs")
 
 
 def main(folder: Path) -> None:
@@ -117,8 +118,9 @@ def print_recipe(recipe: dict, target_seconds: float | None) -> None:
 def print_variant_means(rows: list[dict]) -> None:
     scored = [row["tta_variants"] for row in rows if row.get("tta_variants")]
     if scored:
-        print("TTA combinations, mean: " + ", ".join(f"{name} {statistics.mean(v[name] for v in scored):.4f}"
-                                                     for name in VARIANTS))  # fmt: skip
+        means = {name: [v[name] for v in scored if name in v] for name in VARIANTS}  # older reports lack diagonals
+        print("TTA combinations, mean: " + ", ".join(f"{name} {statistics.mean(values):.4f}"
+                                                     for name, values in means.items() if values))  # fmt: skip
 
 
 def mean_sd(values: list[float], digits: int = 4) -> str:

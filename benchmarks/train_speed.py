@@ -427,31 +427,22 @@ def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime
 
 
 def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime) -> dict[str, float]:
-    """Accuracy of other flip+translate test-time augmentations, from the same trained model and eight scored views:
-    the image and its mirror, both shifted one pixel up-left and down-right (each reflect-padded). Two sets of six:
-    kiln's (evaluate.tta=flip_translate: the shifted images and the shifted mirrors) and airbench's (the shifted
-    images and their mirrors: for the mirror, the other diagonal). Each combined as a plain mean of probabilities
-    (kiln's `kiln_probs` must equal accuracy_tta) and as airbench's weighted mean of logits (unshifted views 1/4
-    each, shifted 1/8: `airbench_logits_wtd` is airbench's own TTA, scored by kiln's evaluate.tta=
-    flip_translate_weighted). Log-probabilities stand in for logits: per view they differ by a constant across
-    classes, so a weighted sum has the same argmax."""
-    images = dataset.test_images
-    height, width = images.shape[1:3]
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
-    padded, padded_mirror = np.pad(images, pad, mode="reflect"), np.pad(images[:, :, ::-1], pad, mode="reflect")
-    views = {
-        "image": padded[:, 1:-1, 1:-1], "mirror": padded_mirror[:, 1:-1, 1:-1],
-        "image_up_left": padded[:, :height, :width], "image_down_right": padded[:, 2:, 2:],
-        "mirror_up_left": padded_mirror[:, :height, :width], "mirror_down_right": padded_mirror[:, 2:, 2:],
-        # the mirror of image_up_left / image_down_right, i.e. airbench's flipped shifts
-        "mirror_up_right": padded_mirror[:, :height, 2:], "mirror_down_left": padded_mirror[:, 2:, :width],
-    }  # fmt: skip
-    probabilities = {name: predict_probabilities(model, np.ascontiguousarray(view), prep, runtime, 2000)
-                     for name, view in views.items()}  # fmt: skip
+    """Accuracy of other flip+translate test-time augmentations, from the same trained model and the ten views of
+    `shifted_views`. Three sets: kiln's six (evaluate.tta=flip_translate: the image and its mirror, both shifted
+    one pixel up-left and down-right), airbench's six (the image's two shifts and their mirrors: for the mirror,
+    the other diagonal) and all ten (`diagonals`: the image and its mirror, each shifted along both diagonals).
+    kiln's and airbench's are each combined as a plain mean of probabilities (kiln's `kiln_probs` must equal
+    accuracy_tta) and as airbench's weighted mean of logits (unshifted views 1/4 each, shifted 1/8:
+    `airbench_logits_wtd` is airbench's own TTA, scored by kiln's evaluate.tta=flip_translate_weighted); the ten
+    as a plain mean. Log-probabilities stand in for logits: per view they differ by a constant across classes, so
+    a weighted sum has the same argmax."""
+    probabilities = {name: predict_probabilities(model, view, prep, runtime, 2000)
+                     for name, view in shifted_views(dataset.test_images).items()}  # fmt: skip
     unshifted = ("image", "mirror")
     view_sets = {
         "kiln": unshifted + ("image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right"),
         "airbench": unshifted + ("image_up_left", "image_down_right", "mirror_up_right", "mirror_down_left"),
+        "diagonals": tuple(probabilities),
     }
 
     def hit_rate(combined: np.ndarray) -> float:
@@ -465,6 +456,22 @@ def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Run
                                              for view in view_sets["kiln"]))  # fmt: skip
     scores["airbench_logits_wtd"] = accuracy(model, dataset, prep, runtime, "flip_translate_weighted")
     return scores
+
+
+def shifted_views(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Ten views of uint8 NHWC images: the images and their mirrors, each as it is and moved one pixel along both
+    diagonals (reflect-padded, as kiln's evaluate stage pads). `image_up_left` is the window one pixel up and left
+    of the image's in the padded image. A mirrored view is the mirror of the image view on the other diagonal
+    (`mirror_up_right` is image_up_left mirrored): airbench's flipped shifts."""
+    height, width = images.shape[1:3]
+    pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+    views = {}
+    for name, source in (("image", images), ("mirror", images[:, :, ::-1])):
+        padded = np.pad(source, pad, mode="reflect")
+        views[name] = padded[:, 1:-1, 1:-1]
+        views[f"{name}_up_left"], views[f"{name}_down_right"] = padded[:, :height, :width], padded[:, 2:, 2:]
+        views[f"{name}_up_right"], views[f"{name}_down_left"] = padded[:, :height, 2:], padded[:, 2:, :width]
+    return {name: np.ascontiguousarray(view) for name, view in views.items()}
 
 
 def summarize(rows: list[dict]) -> dict[str, str]:
