@@ -8,10 +8,14 @@
     tasks/train.py runs, with its data path, augmentation and bookkeeping) on the real training images, same model,
     batch and precision. Both are timed after a warm-up; the ratio is the share of the bare speed the stage keeps.
 (b) time-to-accuracy: the `cifar10-fast` profile's train/augment/evaluate settings, trained `--runs` times with
-    seeds 0..runs-1; training time counts from the first step to the last (the sum of epoch times, like airbench's
-    total_time_seconds, which also counts its final TTA evaluation), and the wall time of the whole fit call is
-    printed too. With `--airbench` and the `airbench` package installed, airbench.train94 and train96 run on the
-    same images (written where airbench's CifarLoader reads them), each after a one-epoch warm-up run.
+    seeds 0..runs-1 by the train stage's own function (tasks/train.py's `train`, on the images published into a
+    scratch store as the download stage publishes them, with the augment stage's policy); training time counts
+    from the first step to the last (the sum of epoch times, like airbench's total_time_seconds, which also counts
+    its final TTA evaluation), and the wall time of the whole train stage call (reading its inputs, the fit,
+    writing and hashing its output) is printed too. Where Prefect is not installed (tasks/ imports it), the runs
+    call kiln.training.fit, and the wall time is that call's. With `--airbench` and the `airbench` package
+    installed, airbench.train94 and train96 run on the same images (written where airbench's CifarLoader reads
+    them), each after a one-epoch warm-up run.
 
 Needs torch, numpy, pillow, pydantic and pyyaml, not Prefect or Great Expectations: on a GPU host without them,
 install kiln's remaining requirements from a wheelhouse (see benchmarks/RESULTS.md). Runs on a CPU too, slowly:
@@ -309,19 +313,27 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     runtime = resolve_runtime(config.train.device, config.train.precision)
     print(f"\n## (b) time-to-accuracy: profile {args.profile} ({config.train.model}, {config.train.epochs} epochs, "
           f"batch {config.train.batch_size}, {runtime.precision}, TTA {config.evaluate.tta})")  # fmt: skip
-    print("| seed | training s | fit wall s | test accuracy | with TTA |\n|---|---|---|---|---|", flush=True)
+    through_stage = StageInputs.available()
+    if not through_stage:
+        print("# Prefect is not installed, so the runs call kiln.training.fit, not the train stage's function "
+              "(tasks/ imports Prefect): the wall column is the fit call's")  # fmt: skip
+    wall_key = "stage_wall_seconds" if through_stage else "fit_wall_seconds"
+    print(f"| seed | training s | {'train stage' if through_stage else 'fit'} wall s | test accuracy | with TTA |\n"
+          "|---|---|---|---|---|", flush=True)  # fmt: skip
     warm_up(dataset, config, args)
     rows: list[dict] = []
     recipes.append({"profile": args.profile, "epochs": config.train.epochs, "runs": rows})
-    for seed in range(args.first_seed, args.first_seed + args.runs):
-        row = train_once(dataset, config, seed)
-        rows.append(row)
-        save()
-        print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row['fit_wall_seconds']:.2f} | {row['accuracy']:.4f} "
-              f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        stage = StageInputs(dataset, config.augment, Path(scratch)) if through_stage else None
+        for seed in range(args.first_seed, args.first_seed + args.runs):
+            row = train_once(dataset, config, seed, stage=stage)
+            rows.append(row)
+            save()
+            print(f"| {row['seed']} | {row['train_seconds']:.2f} | {row[wall_key]:.2f} | {row['accuracy']:.4f} "
+                  f"| {row['accuracy_tta']:.4f} |", flush=True)  # fmt: skip
     recipes[-1]["summary"] = summary = summarize(rows)
     save()
-    print(f"| mean ± sd | {summary['train_seconds']} | {summary['fit_wall_seconds']} | {summary['accuracy']} | "
+    print(f"| mean ± sd | {summary['train_seconds']} | {summary[wall_key]} | {summary['accuracy']} | "
           f"{summary['accuracy_tta']} |")  # fmt: skip
 
 
@@ -385,25 +397,33 @@ def sweep_benchmark(dataset: ImageDataset, args: argparse.Namespace, axes: list[
 
 
 def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = None, evaluate: bool = True,
-               on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train the config's model on the whole training split; its training and fit-call seconds and test accuracy."""
+               on_epoch: Callable[[dict], None] | None = None, stage: StageInputs | None = None) -> dict:
+    """Train the config's model on the whole training split; its training seconds (first step to last), the wall
+    seconds of the call that trained it and its test accuracy. With `stage`, that call is the train stage's own
+    function (tasks/train.py: its inputs read from a store, the fit, its output written and hashed):
+    `stage_wall_seconds`; without, kiln.training.fit alone: `fit_wall_seconds`."""
     prep = preprocessing(dataset)
     spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
     runtime = resolve_runtime(config.train.device, config.train.precision)
     update = {"seed": seed, "validation_fraction": 0.0, **({"epochs": epochs} if epochs else {})}
     train_config = config.train.model_copy(update=update)
-    torch.manual_seed(train_config.seed)
-    model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
-    train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
-    with tempfile.TemporaryDirectory() as scratch:
-        synchronize(runtime)
-        started = time.perf_counter()
-        history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt",
-                      on_epoch=on_epoch)
-        synchronize(runtime)
-        wall = time.perf_counter() - started
-    row = {"seed": seed, "train_seconds": sum(row["seconds"] for row in history), "fit_wall_seconds": wall,
-           "epoch_seconds": [row["seconds"] for row in history], "data_path": history[-1]["data_path"]}  # fmt: skip
+    if stage is not None:
+        model, history, wall = stage.train(train_config, runtime)
+        row = {"seed": seed, "stage_wall_seconds": wall}
+    else:
+        torch.manual_seed(train_config.seed)
+        model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
+        train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
+        with tempfile.TemporaryDirectory() as scratch:
+            synchronize(runtime)
+            started = time.perf_counter()
+            history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt",
+                          on_epoch=on_epoch)
+            synchronize(runtime)
+            row = {"seed": seed, "fit_wall_seconds": time.perf_counter() - started}
+    epoch_seconds = [epoch["seconds"] for epoch in history]
+    row |= {"train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds, "data_path": history[-1]["data_path"],
+            "final_train_loss": float(history[-1]["train_loss"])}  # fmt: skip
     if evaluate:
         row["accuracy"] = accuracy(model, dataset, prep, runtime, "none")
         tta = config.evaluate.tta
@@ -419,6 +439,46 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
         if tta == "flip_translate":
             row["tta_variants"] = tta_variants(model, dataset, prep, runtime)
     return row
+
+
+class StageInputs:
+    """The train stage's inputs for one recipe, in a scratch store: the decoded images published as the download
+    stage would publish them and the augment stage's own output for the recipe's policy. `train` runs the train
+    stage's function on them (tasks/train.py, as a pipeline run calls it, without Prefect's task around it).
+    Needs Prefect installed (tasks/ imports it for the task wrappers); `StageInputs.available()` says whether."""
+
+    def __init__(self, dataset: ImageDataset, augment_config, root: Path):
+        from kiln.dataset import publish_dataset
+        from kiln.store import ArtifactStore
+        from tasks.augment import augment
+
+        self.store = ArtifactStore(root)
+        self.dataset_ref = publish_dataset(self.store, dataset)
+        self.policy_ref = augment(augment_config, self.dataset_ref, self.store)
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import tasks.train  # noqa: F401
+        except ModuleNotFoundError:
+            return False
+        return True
+
+    def train(self, train_config, runtime: Runtime) -> tuple[torch.nn.Module, list[dict], float]:
+        """(the trained model, its per-epoch history, the stage call's wall seconds)."""
+        import pandas as pd
+
+        from kiln.models import load_model
+        from tasks.train import train
+
+        synchronize(runtime)
+        started = time.perf_counter()
+        ref = train(train_config, self.dataset_ref, self.policy_ref, self.store)
+        synchronize(runtime)
+        wall = time.perf_counter() - started
+        output = self.store.materialize(ref)
+        model, _ = load_model(output)
+        return model, pd.read_csv(output / "history.csv").to_dict(orient="records"), wall
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:
@@ -479,8 +539,8 @@ def summarize(rows: list[dict]) -> dict[str, str]:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
-    return {key: mean_sd([row[key] for row in rows]) for key in ("train_seconds", "fit_wall_seconds", "accuracy",
-                                                                   "accuracy_tta")}  # fmt: skip
+    keys = ("train_seconds", "fit_wall_seconds", "stage_wall_seconds", "accuracy", "accuracy_tta")
+    return {key: mean_sd([row[key] for row in rows]) for key in keys if all(key in row for row in rows)}
 
 
 def airbench_benchmark(
