@@ -243,19 +243,25 @@ def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Names
                          precision=runtime.precision, device=runtime.device.type, validation_fraction=0,
                          data_path="auto", compile=args.compile)  # fmt: skip
     bare = bare_loop_images_per_s(dataset, runtime, config, args.feed_steps)
-    prep = preprocessing(dataset)
-    spec = resolve_policy(load_config(args.profile).augment, dataset.image_shape, list(prep.mean))
-    model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes)))
+    augment_config = load_config(args.profile).augment
     with tempfile.TemporaryDirectory() as scratch:
-        history = fit(model, AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec),
-                      None, prep, config, runtime, Path(scratch) / "checkpoint.pt")  # fmt: skip
+        if StageInputs.available():
+            _, history, _ = StageInputs(dataset, augment_config, Path(scratch)).train(config, runtime)
+            stage_call = "the train stage's function"
+        else:
+            prep = preprocessing(dataset)
+            spec = resolve_policy(augment_config, dataset.image_shape, list(prep.mean))
+            model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes)))
+            images = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
+            history = fit(model, images, None, prep, config, runtime, Path(scratch) / "checkpoint.pt")
+            stage_call = "fit (Prefect is not installed)"
     stage = history[-1]["images_per_s"]  # the second epoch: warm
     print("\n## (a) feed: bare training step vs the train stage's loop")
     print(f"model {config.model}, batch {config.batch_size}, {runtime.precision}, compile {args.compile}, "
           f"train stage data path: {history[-1]['data_path']}")  # fmt: skip
     print("| loop | img/s |\n|---|---|")
     print(f"| bare step on synthetic device tensors | {bare:,.0f} |")
-    print(f"| train stage (fit), epoch 2 | {stage:,.0f} |")
+    print(f"| train stage ({stage_call}), epoch 2 | {stage:,.0f} |")
     print(f"| ratio | {stage / bare:.3f} |")
     return {"model": config.model, "batch": config.batch_size, "precision": runtime.precision, "compile": args.compile,
             "bare_images_per_s": bare, "stage_images_per_s": stage, "ratio": stage / bare,

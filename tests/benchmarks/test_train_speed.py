@@ -103,3 +103,17 @@ def test_a_run_through_the_train_stages_function_trains_what_fit_alone_trains(tm
     assert through_stage["tta_variants"] == direct["tta_variants"]
     assert len(through_stage["epoch_seconds"]) == 2 and through_stage["stage_wall_seconds"] > 0
     assert "fit_wall_seconds" in direct and "stage_wall_seconds" not in direct
+
+
+def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_step(tmp_path):
+    archive = tmp_path / "images.tar.gz"
+    _image_folder_archive(archive, per_class_train=24, per_class_test=4)
+    report = tmp_path / "feed.json"
+
+    train_speed.main(["--data", str(archive), "--device", "cpu", "--skip-recipe", "--feed-model", "simple_cnn",
+                      "--feed-batch", "16", "--feed-steps", "3", "--json-out", str(report)])  # fmt: skip
+
+    feed = json.loads(report.read_text())["feed"]
+    assert feed["bare_images_per_s"] > 0 and feed["stage_images_per_s"] > 0
+    assert feed["ratio"] == pytest.approx(feed["stage_images_per_s"] / feed["bare_images_per_s"])
+    assert (feed["model"], feed["batch"], feed["data_path"]) == ("simple_cnn", 16, "loader")  # a CPU's path
