@@ -135,13 +135,15 @@ run() {
         if [ "$limit" -lt 20 ]; then echo "== $name: skipped, too little time left" | tee "$OUT/$name.md"; return 0; fi
         timeout -k 10 "$limit" "$@" 2>"$OUT/$name.log" | tee "$OUT/$name.md" || echo "== $name: stopped (exit ${PIPESTATUS[0]})" | tee -a "$OUT/$name.md"
     }
-    rm -f /tmp/kiln-cifar-*.npz
+    rm -rf /tmp/kiln-cifar-*.npz /tmp/kiln-bench-store
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
     # Estimated from the H200's times in the eleventh session (the first section that trains also decodes the JPEGs,
     # ~20 s; a compiled section's warm-up ~25 s): graph-check ~25 s, fast ~55, long ~100, long-muon ~75, airbench
     # ~60, long-muon-low ~75, fast-auto ~15, long-auto ~30: ~435 s of 560. An H100 takes about 1.25x as long; the shares give each
     # section about its H100 time with room, and the last ones go short first.
-    local cached=(--data-cache /tmp/kiln-cifar-recipes.npz)  # decoded once, by the first section that trains
+    # Decoded once, by the first section that trains, and published once as the train stage's inputs (each run is
+    # trained by the train stage's own function, which reads them from a store).
+    local cached=(--data-cache /tmp/kiln-cifar-recipes.npz --stage-store /tmp/kiln-bench-store)
     section graph-check 8 "$PYTHON" -m pytest -q -p no:cacheprovider tests/kiln/test_step_graph.py
     section fast 20 "${speed[@]}" "${cached[@]}" "${fast[@]}" --json-out "$OUT/fast.json"
     section long 40 "${speed[@]}" "${cached[@]}" "${long[@]}" --json-out "$OUT/long.json"

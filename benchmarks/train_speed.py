@@ -32,6 +32,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -113,6 +114,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "default: synthetic images (feed test only)")  # fmt: skip
     parser.add_argument("--data-cache", help="an .npz of the decoded --data: read if present, else written (for "
                         "several runs of this script on the same data and --max-train/--max-test)")  # fmt: skip
+    parser.add_argument("--stage-store", help="the store the train stage's runs read their inputs from: kept, so that "
+                        "later runs of this script reuse the published images and policy (their training outputs are "
+                        "deleted after each run, so every run trains); default: a temporary one")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--feed-model", default="resnet9")
@@ -246,7 +250,8 @@ def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Names
     augment_config = load_config(args.profile).augment
     with tempfile.TemporaryDirectory() as scratch:
         if StageInputs.available():
-            _, history, _ = StageInputs(dataset, augment_config, Path(scratch)).train(config, runtime)
+            stage = StageInputs(dataset, augment_config, Path(args.stage_store or scratch))
+            _, history, _ = stage.train(config, runtime)
             stage_call = "the train stage's function"
         else:
             prep = preprocessing(dataset)
@@ -330,7 +335,8 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     rows: list[dict] = []
     recipes.append({"profile": args.profile, "epochs": config.train.epochs, "runs": rows})
     with tempfile.TemporaryDirectory() as scratch:
-        stage = StageInputs(dataset, config.augment, Path(scratch)) if through_stage else None
+        root = Path(args.stage_store or scratch)
+        stage = StageInputs(dataset, config.augment, root) if through_stage else None
         for seed in range(args.first_seed, args.first_seed + args.runs):
             row = train_once(dataset, config, seed, stage=stage)
             rows.append(row)
@@ -450,7 +456,8 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
 class StageInputs:
     """The train stage's inputs for one recipe, in a scratch store: the decoded images published as the download
     stage would publish them and the augment stage's own output for the recipe's policy. `train` runs the train
-    stage's function on them (tasks/train.py, as a pipeline run calls it, without Prefect's task around it).
+    stage's function on them (tasks/train.py, as a pipeline run calls it, without Prefect's task around it) and
+    deletes the output it wrote, so that a store kept for later runs (--stage-store) holds only the inputs.
     Needs Prefect installed (tasks/ imports it for the task wrappers); `StageInputs.available()` says whether."""
 
     def __init__(self, dataset: ImageDataset, augment_config, root: Path):
@@ -477,14 +484,21 @@ class StageInputs:
         from kiln.models import load_model
         from tasks.train import train
 
-        synchronize(runtime)
-        started = time.perf_counter()
-        ref = train(train_config, self.dataset_ref, self.policy_ref, self.store)
-        synchronize(runtime)
-        wall = time.perf_counter() - started
+        for _ in range(2):
+            synchronize(runtime)
+            started = time.perf_counter()
+            ref = train(train_config, self.dataset_ref, self.policy_ref, self.store)
+            synchronize(runtime)
+            wall = time.perf_counter() - started
+            if not ref.reused:
+                break
+            # left by a run killed before it deleted its output: this run must train, not reuse it
+            shutil.rmtree(self.store.output_path(ref.stage, ref.key))
         output = self.store.materialize(ref)
         model, _ = load_model(output)
-        return model, pd.read_csv(output / "history.csv").to_dict(orient="records"), wall
+        history = pd.read_csv(output / "history.csv").to_dict(orient="records")
+        shutil.rmtree(self.store.output_path(ref.stage, ref.key))
+        return model, history, wall
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:

@@ -117,3 +117,37 @@ def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_st
     assert feed["bare_images_per_s"] > 0 and feed["stage_images_per_s"] > 0
     assert feed["ratio"] == pytest.approx(feed["stage_images_per_s"] / feed["bare_images_per_s"])
     assert (feed["model"], feed["batch"], feed["data_path"]) == ("simple_cnn", 16, "loader")  # a CPU's path
+
+
+def test_a_kept_stage_store_holds_only_the_inputs_and_every_run_trains(tmp_path, monkeypatch):
+    import tasks.train
+    from kiln.config import load_config
+    from kiln.dataset import ImageDataset
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(2), 8)
+    images = rng.integers(0, 256, size=(16, 32, 32, 3), dtype=np.uint8)
+    dataset = ImageDataset("noise", ["a", "b"], images, labels, images[:4], labels[:4])
+    config = load_config("cifar10-fast", overrides=["train.epochs=1", "train.batch_size=8", "train.device=cpu"])
+    train_config = config.train.model_copy(update={"seed": 1})
+    runtime = train_speed.resolve_runtime("cpu", "fp32")
+    store = tmp_path / "kept"
+
+    train_speed.StageInputs(dataset, config.augment, store).train(train_config, runtime)
+    assert not any((store / "train").iterdir())
+    # A run killed after publishing its output leaves it behind: the next run with that config must not reuse it.
+    kept = train_speed.StageInputs(dataset, config.augment, store)
+    assert kept.dataset_ref.reused and kept.policy_ref.reused  # the kept inputs, not published again
+    stage_function = tasks.train.train
+    left_behind = stage_function(train_config, kept.dataset_ref, kept.policy_ref, kept.store)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(result := stage_function(*args, **kwargs))
+        return result
+
+    monkeypatch.setattr(tasks.train, "train", recording)
+    _, history, _ = kept.train(train_config, runtime)
+
+    assert [call.reused for call in calls] == [True, False] and calls[0].key == left_behind.key
+    assert len(history) == 1 and not any((store / "train").iterdir())
