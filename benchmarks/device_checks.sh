@@ -71,7 +71,7 @@ run() {
     # Sections in order of need, each stopped at its share of the time (BUDGET_S, default 560 s, fits a 600 s
     # call); every report is written as it goes, so a section cut short keeps what it measured.
     local budget=${BUDGET_S:-560} started=$SECONDS
-    setup pydantic,yaml,airbench,kiln.training
+    setup pydantic,yaml,airbench,kiln.training,tasks.train  # tasks.train: Prefect, for runs through the train stage
     # The plan for the next session with a GPU. The eleventh session (the fourth with a GPU, an H200;
     # benchmarks/RESULTS.md) found that captured steps (train.cuda_graph) train as eager ones do, and that
     # cifar10-fast's compiled and captured steps are 20 % faster than eager ones (compiled alone, slower); it
@@ -138,9 +138,11 @@ run() {
     rm -rf /tmp/kiln-cifar-*.npz /tmp/kiln-bench-store
     local speed=("$PYTHON" benchmarks/train_speed.py --data "$DATA" --skip-feed)
     # Estimated from the H200's times in the eleventh session (the first section that trains also decodes the JPEGs,
-    # ~20 s; a compiled section's warm-up ~25 s): graph-check ~25 s, fast ~55, long ~100, long-muon ~75, airbench
-    # ~60, long-muon-low ~75, fast-auto ~15, long-auto ~30: ~435 s of 560. An H100 takes about 1.25x as long; the shares give each
-    # section about its H100 time with room, and the last ones go short first.
+    # ~20 s, and publishes them as the train stage's inputs, a few s; a compiled section's warm-up ~25 s):
+    # graph-check ~25 s, fast ~55, long ~100, long-muon ~75, airbench ~60, long-muon-low ~75, fast-auto ~15,
+    # long-auto ~30: ~435 s of 560. An H100 takes about 1.25x as long, and there fast and long also fit their epochs
+    # with a 3-epoch probe run each (~10 s); the shares give each section about its H100 time with room, and the
+    # last ones go short first.
     # Decoded once, by the first section that trains, and published once as the train stage's inputs (each run is
     # trained by the train stage's own function, which reads them from a store).
     local cached=(--data-cache /tmp/kiln-cifar-recipes.npz --stage-store /tmp/kiln-bench-store)

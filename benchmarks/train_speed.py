@@ -4,9 +4,9 @@
     python benchmarks/train_speed.py --data ../shared/datasets/cifar10-jpg.tar.gz --runs 3 --airbench  # + airbench
 
 (a) feed: the bare training step of a model (`--feed-model`, default resnet9) on synthetic tensors already on the
-    device, normalized and channels_last, against the train stage's own loop (`kiln.training.fit`, the function
-    tasks/train.py runs, with its data path, augmentation and bookkeeping) on the real training images, same model,
-    batch and precision. Both are timed after a warm-up; the ratio is the share of the bare speed the stage keeps.
+    device, normalized and channels_last, against the train stage's own function (tasks/train.py's `train`, with
+    its data path, augmentation and bookkeeping) on the real training images, same model, batch and precision.
+    Both are timed after a warm-up; the ratio is the share of the bare speed the stage keeps.
 (b) time-to-accuracy: the `cifar10-fast` profile's train/augment/evaluate settings, trained `--runs` times with
     seeds 0..runs-1 by the train stage's own function (tasks/train.py's `train`, on the images published into a
     scratch store as the download stage publishes them, with the augment stage's policy); training time counts
@@ -17,8 +17,9 @@
     installed, airbench.train94 and train96 run on the same images (written where airbench's CifarLoader reads
     them), each after a one-epoch warm-up run.
 
-Needs torch, numpy, pillow, pydantic and pyyaml, not Prefect or Great Expectations: on a GPU host without them,
-install kiln's remaining requirements from a wheelhouse (see benchmarks/RESULTS.md). Runs on a CPU too, slowly:
+Needs torch, numpy, pillow, pydantic and pyyaml, not Great Expectations; Prefect only for the runs through the train
+stage's function (without it they call fit alone). On a GPU host without them, install kiln's remaining
+requirements from a wheelhouse (benchmarks/device_checks.sh prepare). Runs on a CPU too, slowly:
 `--max-train 2000 --max-test 500 --feed-steps 5 --epochs 1` is a smoke test.
 """
 
@@ -114,9 +115,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "default: synthetic images (feed test only)")  # fmt: skip
     parser.add_argument("--data-cache", help="an .npz of the decoded --data: read if present, else written (for "
                         "several runs of this script on the same data and --max-train/--max-test)")  # fmt: skip
-    parser.add_argument("--stage-store", help="the store the train stage's runs read their inputs from: kept, so that "
-                        "later runs of this script reuse the published images and policy (their training outputs are "
-                        "deleted after each run, so every run trains); default: a temporary one")  # fmt: skip
+    parser.add_argument("--stage-store", type=_local_folder, help="a local folder for the store the train stage's "
+                        "runs read their inputs from: kept, so that later runs of this script reuse the published "
+                        "images and policy (each run's training output and checkpoints are deleted, so every run "
+                        "trains); default: a temporary one")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--feed-model", default="resnet9")
@@ -196,6 +198,12 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _local_folder(text: str) -> Path:
+    if "://" in text:  # the runs delete their outputs with local file operations
+        raise argparse.ArgumentTypeError(f"{text!r} is a URL: --stage-store takes a local folder")
+    return Path(text)
+
+
 def _int_list(text: str) -> list[int]:
     return sorted(int(value) for value in text.split(","))
 
@@ -250,7 +258,7 @@ def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Names
     augment_config = load_config(args.profile).augment
     with tempfile.TemporaryDirectory() as scratch:
         if StageInputs.available():
-            stage = StageInputs(dataset, augment_config, Path(args.stage_store or scratch))
+            stage = StageInputs(dataset, augment_config, args.stage_store or Path(scratch))
             _, history, _ = stage.train(config, runtime)
             stage_call = "the train stage's function"
         else:
@@ -335,7 +343,7 @@ def recipe_benchmark(dataset: ImageDataset, args: argparse.Namespace, epochs: in
     rows: list[dict] = []
     recipes.append({"profile": args.profile, "epochs": config.train.epochs, "runs": rows})
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(args.stage_store or scratch)
+        root = args.stage_store or Path(scratch)
         stage = StageInputs(dataset, config.augment, root) if through_stage else None
         for seed in range(args.first_seed, args.first_seed + args.runs):
             row = train_once(dataset, config, seed, stage=stage)
@@ -415,24 +423,15 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
     function (tasks/train.py: its inputs read from a store, the fit, its output written and hashed):
     `stage_wall_seconds`; without, kiln.training.fit alone: `fit_wall_seconds`."""
     prep = preprocessing(dataset)
-    spec = resolve_policy(config.augment, dataset.image_shape, list(prep.mean))
     runtime = resolve_runtime(config.train.device, config.train.precision)
     update = {"seed": seed, "validation_fraction": 0.0, **({"epochs": epochs} if epochs else {})}
     train_config = config.train.model_copy(update=update)
     if stage is not None:
-        model, history, wall = stage.train(train_config, runtime)
+        model, history, wall = stage.train(train_config, runtime, on_epoch)
         row = {"seed": seed, "stage_wall_seconds": wall}
     else:
-        torch.manual_seed(train_config.seed)
-        model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
-        train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
-        with tempfile.TemporaryDirectory() as scratch:
-            synchronize(runtime)
-            started = time.perf_counter()
-            history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt",
-                          on_epoch=on_epoch)
-            synchronize(runtime)
-            row = {"seed": seed, "fit_wall_seconds": time.perf_counter() - started}
+        model, history, wall = fit_alone(dataset, config.augment, train_config, runtime, on_epoch)
+        row = {"seed": seed, "fit_wall_seconds": wall}
     epoch_seconds = [epoch["seconds"] for epoch in history]
     row |= {"train_seconds": sum(epoch_seconds), "epoch_seconds": epoch_seconds, "data_path": history[-1]["data_path"],
             "final_train_loss": float(history[-1]["train_loss"])}  # fmt: skip
@@ -453,8 +452,26 @@ def train_once(dataset: ImageDataset, config, seed: int, epochs: int | None = No
     return row
 
 
+def fit_alone(dataset: ImageDataset, augment_config, train_config, runtime: Runtime,
+              on_epoch: Callable[[dict], None] | None = None) -> tuple[torch.nn.Module, list[dict], float]:
+    """kiln.training.fit on the dataset's whole training split, as the train stage calls it: (the trained model,
+    its per-epoch history, the fit call's wall seconds)."""
+    prep = preprocessing(dataset)
+    spec = resolve_policy(augment_config, dataset.image_shape, list(prep.mean))
+    torch.manual_seed(train_config.seed)
+    model = build_model(ModelSpec(train_config.model, dataset.image_shape, len(dataset.classes)))
+    train_set = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
+    with tempfile.TemporaryDirectory() as scratch:
+        synchronize(runtime)
+        started = time.perf_counter()
+        history = fit(model, train_set, None, prep, train_config, runtime, Path(scratch) / "checkpoint.pt",
+                      on_epoch=on_epoch)
+        synchronize(runtime)
+        return model, history, time.perf_counter() - started
+
+
 class StageInputs:
-    """The train stage's inputs for one recipe, in a scratch store: the decoded images published as the download
+    """The train stage's inputs for one recipe, in a local store: the decoded images published as the download
     stage would publish them and the augment stage's own output for the recipe's policy. `train` runs the train
     stage's function on them (tasks/train.py, as a pipeline run calls it, without Prefect's task around it) and
     deletes the output it wrote, so that a store kept for later runs (--stage-store) holds only the inputs.
@@ -464,46 +481,67 @@ class StageInputs:
         from kiln.dataset import publish_dataset
         from kiln.store import ArtifactStore
         from tasks.augment import augment
+        from tasks.train import STAGE
 
         self.store = ArtifactStore(root)
         self.dataset_ref = publish_dataset(self.store, dataset)
         self.policy_ref = augment(augment_config, self.dataset_ref, self.store)
+        STAGE.code_version()  # hashes the stage's sources once (cached): not inside the first timed call
 
     @staticmethod
     def available() -> bool:
         try:
             import tasks.train  # noqa: F401
-        except ModuleNotFoundError:
+        except ImportError:
             return False
         return True
 
-    def train(self, train_config, runtime: Runtime) -> tuple[torch.nn.Module, list[dict], float]:
-        """(the trained model, its per-epoch history, the stage call's wall seconds)."""
+    def train(self, train_config, runtime: Runtime, on_epoch: Callable[[dict], None] | None = None,
+              ) -> tuple[torch.nn.Module, list[dict], float]:  # fmt: skip
+        """(the trained model, as fit leaves it: on the device, channels_last on CUDA; its per-epoch history; the
+        stage call's wall seconds)."""
         import pandas as pd
 
         from kiln.models import load_model
-        from tasks.train import train
+        from tasks.train import STAGE, train
 
-        for _ in range(2):
-            synchronize(runtime)
-            started = time.perf_counter()
-            ref = train(train_config, self.dataset_ref, self.policy_ref, self.store)
-            synchronize(runtime)
-            wall = time.perf_counter() - started
-            if not ref.reused:
-                break
-            # left by a run killed before it deleted its output: this run must train, not reuse it
-            shutil.rmtree(self.store.output_path(ref.stage, ref.key))
+        inputs = {"dataset": self.dataset_ref, "policy": self.policy_ref}
+        self._forget(STAGE.key(train_config, inputs))
+        synchronize(runtime)
+        started = time.perf_counter()
+        ref = train(train_config, self.dataset_ref, self.policy_ref, self.store, on_epoch=on_epoch)
+        synchronize(runtime)
+        wall = time.perf_counter() - started
+        if ref.reused:
+            raise RuntimeError(f"the train stage reused {ref.uri} instead of training: the run's time would be void")
         output = self.store.materialize(ref)
         model, _ = load_model(output)
         history = pd.read_csv(output / "history.csv").to_dict(orient="records")
-        shutil.rmtree(self.store.output_path(ref.stage, ref.key))
+        self._forget(ref.key)
+        model = model.to(runtime.device)
+        if runtime.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
         return model, history, wall
+
+    def _forget(self, key: str) -> None:
+        """Remove the train stage's output and checkpoints for `key`: one left by a run killed in this store would
+        be reused, or resumed from its checkpoint, instead of trained."""
+        shutil.rmtree(self.store.output_path("train", key), ignore_errors=True)
+        shutil.rmtree(self.store.scratch_dir("train", key), ignore_errors=True)
 
 
 def accuracy(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime, tta: str) -> float:
     probabilities = predict_probabilities(model, dataset.test_images, prep, runtime, 2000, tta=tta)
     return float((probabilities.argmax(axis=1) == dataset.test_labels).mean())
+
+
+UNSHIFTED_VIEWS = ("image", "mirror")
+TTA_VIEW_SETS = {  # of shifted_views' names
+    "kiln": UNSHIFTED_VIEWS + ("image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right"),
+    "airbench": UNSHIFTED_VIEWS + ("image_up_left", "image_down_right", "mirror_up_right", "mirror_down_left"),
+    "diagonals": UNSHIFTED_VIEWS + tuple(f"{source}_{corner}" for source in ("image", "mirror")
+                                         for corner in ("up_left", "down_right", "up_right", "down_left")),
+}
 
 
 def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Runtime) -> dict[str, float]:
@@ -518,22 +556,16 @@ def tta_variants(model, dataset: ImageDataset, prep: Preprocessing, runtime: Run
     a weighted sum has the same argmax."""
     probabilities = {name: predict_probabilities(model, view, prep, runtime, 2000)
                      for name, view in shifted_views(dataset.test_images).items()}  # fmt: skip
-    unshifted = ("image", "mirror")
-    view_sets = {
-        "kiln": unshifted + ("image_up_left", "image_down_right", "mirror_up_left", "mirror_down_right"),
-        "airbench": unshifted + ("image_up_left", "image_down_right", "mirror_up_right", "mirror_down_left"),
-        "diagonals": tuple(probabilities),
-    }
 
     def hit_rate(combined: np.ndarray) -> float:
         return float((combined.argmax(axis=1) == dataset.test_labels).mean())
 
     scores = {}
-    for name, chosen in view_sets.items():
+    for name, chosen in TTA_VIEW_SETS.items():
         scores[f"{name}_probs"] = hit_rate(sum(probabilities[view] for view in chosen))
-    scores["kiln_logits_wtd"] = hit_rate(sum((0.25 if view in unshifted else 0.125)
+    scores["kiln_logits_wtd"] = hit_rate(sum((0.25 if view in UNSHIFTED_VIEWS else 0.125)
                                              * np.log(np.clip(probabilities[view], 1e-30, None))
-                                             for view in view_sets["kiln"]))  # fmt: skip
+                                             for view in TTA_VIEW_SETS["kiln"]))  # fmt: skip
     scores["airbench_logits_wtd"] = accuracy(model, dataset, prep, runtime, "flip_translate_weighted")
     return scores
 

@@ -135,6 +135,7 @@ def publish_dataset(store: ArtifactStore, dataset: ImageDataset) -> ArtifactRef:
     config = DataConfig(source="imagefolder", uri=f"memory://{dataset.name}/{content.hexdigest()[:16]}")
     return Stage("download", __name__).produce(store, config, {}, lambda out_dir: write_dataset(out_dir, dataset))
 
+
 def read_info(directory: Path) -> DatasetInfo:
     raw = read_json(directory / "dataset.json")
     return DatasetInfo(

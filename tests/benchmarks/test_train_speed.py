@@ -31,6 +31,36 @@ def test_the_ten_views_are_the_images_and_their_mirrors_moved_one_pixel_along_bo
         assert np.array_equal(views[f"mirror_{mirror_corner}"], views[f"image_{image_corner}"][:, :, ::-1])
 
 
+def test_the_kiln_and_airbench_view_sets_are_the_evaluate_stages_tta_views():
+    """kiln_probs scores evaluate.tta=flip_translate and airbench_logits_wtd's weighting is flip_translate_weighted's,
+    so their view sets must be those options' views: compared on the probabilities of a random linear classifier
+    of the pixels, whose scores move with every pixel's place."""
+    from kiln.runtime.preprocess import Preprocessing
+    from kiln.training import predict_probabilities
+
+    images = np.random.default_rng(4).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32 * 3, 10))
+    torch.nn.init.normal_(model[1].weight, std=0.02)
+    prep = Preprocessing(32, 32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    runtime = train_speed.resolve_runtime("cpu", "fp32")
+    views = {name: predict_probabilities(model, view, prep, runtime) for name, view in
+             train_speed.shifted_views(images).items()}  # fmt: skip
+
+    def evaluate_stage(tta: str) -> np.ndarray:
+        return predict_probabilities(model, images, prep, runtime, tta=tta)
+
+    kiln = sum(views[name] for name in train_speed.TTA_VIEW_SETS["kiln"]) / 6
+    np.testing.assert_allclose(kiln, evaluate_stage("flip_translate"), rtol=0, atol=1e-5)
+    weighted = sum((0.25 if name in train_speed.UNSHIFTED_VIEWS else 0.125) * np.log(views[name])
+                   for name in train_speed.TTA_VIEW_SETS["airbench"])  # fmt: skip
+    airbench = np.exp(weighted) / np.exp(weighted).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(airbench, evaluate_stage("flip_translate_weighted"), rtol=0, atol=1e-5)
+    airbench_plain = sum(views[name] for name in train_speed.TTA_VIEW_SETS["airbench"]) / 6
+    assert np.abs(airbench_plain - kiln).max() > 0.01  # the two sets differ: the comparisons above can fail
+    assert sorted(train_speed.TTA_VIEW_SETS["diagonals"]) == sorted(views)
+
+
 def _image_folder_archive(path, per_class_train: int, per_class_test: int) -> None:
     """A CIFAR-shaped archive of two classes a network can tell apart (bright vs dark images)."""
     rng = np.random.default_rng(1)
@@ -84,7 +114,7 @@ def test_a_cpu_run_of_the_recipe_section_reports_what_the_device_summary_reads(t
 
 def test_a_run_through_the_train_stages_function_trains_what_fit_alone_trains(tmp_path):
     """The recipe's runs go through tasks/train.py's function (reading its inputs from a store and writing its
-    output): on a CPU, seeded, the model it writes scores exactly what fit's model scores."""
+    output): on a CPU, seeded, the model it writes is bit for bit the one fit alone trains."""
     from kiln.config import load_config
     from kiln.dataset import ImageDataset
 
@@ -92,17 +122,22 @@ def test_a_run_through_the_train_stages_function_trains_what_fit_alone_trains(tm
     labels = np.repeat(np.arange(2), 20)
     images = (rng.integers(0, 100, size=(40, 32, 32, 3)) + 150 * labels[:, None, None, None]).astype(np.uint8)
     dataset = ImageDataset("two-tones", ["dark", "bright"], images, labels, images[::4], labels[::4])
-    config = load_config("cifar10-fast", overrides=["train.epochs=2", "train.batch_size=8", "train.device=cpu"])
+    config = load_config("cifar10-long", overrides=["train.epochs=2", "train.batch_size=8", "train.device=cpu"])
+    train_config = config.train.model_copy(update={"seed": 5, "validation_fraction": 0.0})
+    runtime = train_speed.resolve_runtime("cpu", "fp32")
 
-    direct = train_speed.train_once(dataset, config, seed=5)
+    alone, alone_history, _ = train_speed.fit_alone(dataset, config.augment, train_config, runtime)
     stage = train_speed.StageInputs(dataset, config.augment, tmp_path / "store")
-    through_stage = train_speed.train_once(dataset, config, seed=5, stage=stage)
+    staged, staged_history, wall = stage.train(train_config, runtime)
 
-    assert through_stage["final_train_loss"] == pytest.approx(direct["final_train_loss"], rel=1e-12, abs=0)
-    assert through_stage["accuracy"] == direct["accuracy"]
-    assert through_stage["tta_variants"] == direct["tta_variants"]
-    assert len(through_stage["epoch_seconds"]) == 2 and through_stage["stage_wall_seconds"] > 0
-    assert "fit_wall_seconds" in direct and "stage_wall_seconds" not in direct
+    alone_weights, staged_weights = alone.state_dict(), staged.state_dict()
+    assert alone_weights.keys() == staged_weights.keys()
+    assert all(torch.equal(alone_weights[name], staged_weights[name]) for name in alone_weights)
+    assert [epoch["train_loss"] for epoch in staged_history] == [epoch["train_loss"] for epoch in alone_history]
+    assert wall > 0
+
+    row = train_speed.train_once(dataset, config, seed=5, stage=stage)
+    assert "stage_wall_seconds" in row and "fit_wall_seconds" not in row and len(row["epoch_seconds"]) == 2
 
 
 def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_step(tmp_path):
@@ -120,6 +155,8 @@ def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_st
 
 
 def test_a_kept_stage_store_holds_only_the_inputs_and_every_run_trains(tmp_path, monkeypatch):
+    """What a run killed in a kept store leaves (a published output, a checkpoint) is gone before the next run
+    with that config calls the stage, which would otherwise reuse the output or resume from the checkpoint."""
     import tasks.train
     from kiln.config import load_config
     from kiln.dataset import ImageDataset
@@ -135,19 +172,20 @@ def test_a_kept_stage_store_holds_only_the_inputs_and_every_run_trains(tmp_path,
 
     train_speed.StageInputs(dataset, config.augment, store).train(train_config, runtime)
     assert not any((store / "train").iterdir())
-    # A run killed after publishing its output leaves it behind: the next run with that config must not reuse it.
     kept = train_speed.StageInputs(dataset, config.augment, store)
     assert kept.dataset_ref.reused and kept.policy_ref.reused  # the kept inputs, not published again
     stage_function = tasks.train.train
     left_behind = stage_function(train_config, kept.dataset_ref, kept.policy_ref, kept.store)
-    calls = []
+    checkpoint = kept.store.scratch_dir("train", left_behind.key) / "checkpoint.pt"
+    checkpoint.write_bytes(b"an interrupted run's checkpoint")
+    found_when_called = []
 
     def recording(*args, **kwargs):
-        calls.append(result := stage_function(*args, **kwargs))
-        return result
+        found_when_called.append((kept.store.lookup("train", left_behind.key), checkpoint.exists()))
+        return stage_function(*args, **kwargs)
 
     monkeypatch.setattr(tasks.train, "train", recording)
     _, history, _ = kept.train(train_config, runtime)
 
-    assert [call.reused for call in calls] == [True, False] and calls[0].key == left_behind.key
+    assert found_when_called == [(None, False)]
     assert len(history) == 1 and not any((store / "train").iterdir())
