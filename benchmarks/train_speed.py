@@ -262,11 +262,7 @@ def feed_benchmark(dataset: ImageDataset, runtime: Runtime, args: argparse.Names
             _, history, _ = stage.train(config, runtime)
             stage_call = "the train stage's function"
         else:
-            prep = preprocessing(dataset)
-            spec = resolve_policy(augment_config, dataset.image_shape, list(prep.mean))
-            model = build_model(ModelSpec(config.model, dataset.image_shape, len(dataset.classes)))
-            images = AugmentedImages(dataset.train_images, dataset.train_labels, build_transform(spec), spec)
-            history = fit(model, images, None, prep, config, runtime, Path(scratch) / "checkpoint.pt")
+            _, history, _ = fit_alone(dataset, augment_config, config, runtime)
             stage_call = "fit (Prefect is not installed)"
     stage = history[-1]["images_per_s"]  # the second epoch: warm
     print("\n## (a) feed: bare training step vs the train stage's loop")
