@@ -189,3 +189,9 @@ def test_a_kept_stage_store_holds_only_the_inputs_and_every_run_trains(tmp_path,
 
     assert found_when_called == [(None, False)]
     assert len(history) == 1 and not any((store / "train").iterdir())
+
+
+def test_a_url_for_the_stage_store_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        train_speed.parse_args(["--stage-store", "s3://bucket/store"])
+    assert "'s3://bucket/store' is a URL: --stage-store takes a local folder" in capsys.readouterr().err
