@@ -38,6 +38,11 @@ def main(folder: Path) -> None:
                   f"start, {after.get('load_average', ['?'])[0]} at the end")  # fmt: skip
         if report.get("sweep"):
             print_sweep(path, report["sweep"])
+        if report.get("feed"):
+            feed = report["feed"]
+            print(f"feed: {feed['model']} batch {feed['batch']} {feed['precision']}, bare {feed['bare_images_per_s']:,.0f} "
+                  f"img/s, train stage {feed['stage_images_per_s']:,.0f} img/s ({feed['data_path']}): ratio "
+                  f"{feed['ratio']:.3f}")  # fmt: skip
         fit = report.get("fit_seconds")
         if fit:
             print(f"--fit-seconds {fit['seconds']}: {fit['probe_epoch_seconds']} s an epoch in the probe, "

@@ -140,7 +140,7 @@ def test_a_run_through_the_train_stages_function_trains_what_fit_alone_trains(tm
     assert "stage_wall_seconds" in row and "fit_wall_seconds" not in row and len(row["epoch_seconds"]) == 2
 
 
-def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_step(tmp_path):
+def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_step(tmp_path, capsys):
     archive = tmp_path / "images.tar.gz"
     _image_folder_archive(archive, per_class_train=24, per_class_test=4)
     report = tmp_path / "feed.json"
@@ -152,6 +152,11 @@ def test_a_cpu_run_of_the_feed_section_compares_the_train_stage_with_the_bare_st
     assert feed["bare_images_per_s"] > 0 and feed["stage_images_per_s"] > 0
     assert feed["ratio"] == pytest.approx(feed["stage_images_per_s"] / feed["bare_images_per_s"])
     assert (feed["model"], feed["batch"], feed["data_path"]) == ("simple_cnn", 16, "loader")  # a CPU's path
+    import device_summary
+
+    capsys.readouterr()
+    device_summary.main(tmp_path)
+    assert f"ratio {feed['ratio']:.3f}" in capsys.readouterr().out
 
 
 def test_a_kept_stage_store_holds_only_the_inputs_and_every_run_trains(tmp_path, monkeypatch):
