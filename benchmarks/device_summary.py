@@ -40,8 +40,9 @@ def main(folder: Path) -> None:
             print_sweep(path, report["sweep"])
         if report.get("feed"):
             feed = report["feed"]
-            print(f"feed: {feed['model']} batch {feed['batch']} {feed['precision']}, bare {feed['bare_images_per_s']:,.0f} "
-                  f"img/s, train stage {feed['stage_images_per_s']:,.0f} img/s ({feed['data_path']}): ratio "
+            print(f"feed: {feed['model']} batch {feed['batch']} {feed['precision']}, bare "
+                  f"{feed['bare_images_per_s']:,.0f} img/s, train stage {feed['stage_images_per_s']:,.0f} img/s "
+                  f"({feed['data_path']}): ratio "
                   f"{feed['ratio']:.3f}")  # fmt: skip
         fit = report.get("fit_seconds")
         if fit:
