@@ -42,8 +42,7 @@ def main(folder: Path) -> None:
             feed = report["feed"]
             print(f"feed: {feed['model']} batch {feed['batch']} {feed['precision']}, bare "
                   f"{feed['bare_images_per_s']:,.0f} img/s, train stage {feed['stage_images_per_s']:,.0f} img/s "
-                  f"({feed['data_path']}): ratio "
-                  f"{feed['ratio']:.3f}")  # fmt: skip
+                  f"({feed['data_path']}): ratio {feed['ratio']:.3f}")  # fmt: skip
         fit = report.get("fit_seconds")
         if fit:
             print(f"--fit-seconds {fit['seconds']}: {fit['probe_epoch_seconds']} s an epoch in the probe, "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kiln.config import TrainConfig
-from kiln.dataset import ImageDataset, publish_dataset  # noqa: F401 (the tests' import of it)
+from kiln.dataset import ImageDataset, publish_dataset
 from kiln.models import ModelSpec, build_model, save_model
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore

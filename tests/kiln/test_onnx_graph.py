@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from kiln.config import CompressConfig, ExportConfig
-from kiln.dataset import read_info, read_split
+from kiln.dataset import publish_dataset, read_info, read_split
 from kiln.errors import ExportError
 from kiln.models import load_model
 from kiln.onnx_export import torch_probabilities
@@ -20,7 +20,7 @@ from kiln.runtime.preprocess import Preprocessing
 from kiln.store import ArtifactStore, read_json
 from tasks.compress import calibration_images, quantize_int8
 from tasks.export import MODEL_FILE, PREPROCESS_FILE, export
-from tests.conftest import make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import make_blobs_dataset, publish_model
 
 
 @pytest.fixture(scope="module")

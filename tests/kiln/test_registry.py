@@ -18,6 +18,7 @@ import pytest
 
 from kiln.bundle import load_bundle
 from kiln.config import AugmentConfig, CompressConfig, EvaluateConfig, ExportConfig, PackageConfig, TrainConfig
+from kiln.dataset import publish_dataset
 from kiln.errors import BundleError, ConfigError, KilnError
 from kiln.registry import (
     ALIASES_FILE,
@@ -31,7 +32,7 @@ from kiln.registry import (
     registry_root,
 )
 from kiln.store import ArtifactRef, ArtifactStore
-from tests.conftest import make_blobs_dataset, publish_dataset
+from tests.conftest import make_blobs_dataset
 
 MODEL = "kiln-classifier"
 

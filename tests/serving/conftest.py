@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kiln.dataset import publish_dataset
 from kiln.store import ArtifactStore
-from tests.conftest import make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import make_blobs_dataset, publish_model
 from tests.support.bundles import build_bundle
 
 # Runs the bundle's own copy of the server with `kiln` made unimportable: proves the bundle needs no kiln.

@@ -6,8 +6,9 @@ from PIL import Image
 
 from kiln.augmentation import augment_batch, build_transform, resolve_policy
 from kiln.config import AugmentConfig
+from kiln.dataset import publish_dataset
 from tasks.augment import augment
-from tests.conftest import make_blobs_dataset, publish_dataset
+from tests.conftest import make_blobs_dataset
 
 
 def test_auto_policy_flips_colour_but_not_grayscale():

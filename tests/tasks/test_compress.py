@@ -12,7 +12,7 @@ import pytest
 
 import tasks.compress
 from kiln.config import CompressConfig, ExportConfig, StoreConfig
-from kiln.dataset import read_split
+from kiln.dataset import publish_dataset, read_split
 from kiln.errors import ConfigError
 from kiln.onnx_tools import ort_session, run_onnx
 from kiln.runtime.preprocess import Preprocessing
@@ -29,7 +29,7 @@ from tasks.compress import (
     variant_file,
 )
 from tasks.export import export
-from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import copy_outputs, make_blobs_dataset, publish_model
 
 FAST = {"latency_runs": 5, "throughput_seconds": 0.05, "timing_threads": 1}  # timings need only exist here
 CONFIG = CompressConfig(**FAST)  # the default variants: int8_static, int8_dynamic, fp16

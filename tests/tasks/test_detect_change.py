@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 
 from kiln.config import PackageConfig, RetrainPolicy
+from kiln.dataset import publish_dataset
 from kiln.store import ArtifactStore
 from tasks.detect_change import decision_markdown, detect_change
 from tasks.register import register
-from tests.conftest import make_blobs_dataset, publish_dataset
+from tests.conftest import make_blobs_dataset
 from tests.kiln.test_registry import TinyBundles, tiny_bundles
 
 PACKAGE = PackageConfig()

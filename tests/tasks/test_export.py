@@ -12,7 +12,7 @@ import pytest
 import kiln.onnx_export
 import tasks.export
 from kiln.config import ExportConfig, StoreConfig
-from kiln.dataset import read_split
+from kiln.dataset import publish_dataset, read_split
 from kiln.errors import ExportError
 from kiln.models import load_model
 from kiln.onnx_export import torch_probabilities
@@ -20,7 +20,7 @@ from kiln.onnx_tools import ort_session, run_onnx
 from kiln.runtime.preprocess import Preprocessing
 from kiln.store import ArtifactStore
 from tasks.export import MODEL_FILE, PARITY_FILE, PREPROCESS_FILE, STAGE, export
-from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import copy_outputs, make_blobs_dataset, publish_model
 
 CONFIG = ExportConfig()
 

@@ -13,11 +13,12 @@ import pytest
 
 from kiln.bundle import load_bundle
 from kiln.config import CompressConfig, EvaluateConfig, ExportConfig, PackageConfig
+from kiln.dataset import publish_dataset
 from kiln.errors import BundleError
 from kiln.onnx_tools import ort_session
 from kiln.store import ArtifactStore
 from tasks import package as package_module
-from tests.conftest import copy_outputs, make_blobs_dataset, publish_dataset, publish_model
+from tests.conftest import copy_outputs, make_blobs_dataset, publish_model
 from tests.kiln.test_triton import one, parse_pbtxt
 from tests.support.bundles import build_bundle
 

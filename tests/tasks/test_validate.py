@@ -12,13 +12,12 @@ import pandas as pd
 import pytest
 
 from kiln.config import DataConfig, StoreConfig, ValidateConfig
-from kiln.dataset import ImageDataset, write_dataset
+from kiln.dataset import ImageDataset, publish_dataset, write_dataset
 from kiln.errors import ValidationFailed
 from kiln.stage import Stage
 from kiln.store import ArtifactRef, ArtifactStore, read_json
 from tasks import validate as validate_module
 from tasks.validate import validate, validate_task
-from tests.conftest import publish_dataset
 
 
 def _variant(blobs: ImageDataset, name: str, **arrays: np.ndarray) -> ImageDataset:
